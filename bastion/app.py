@@ -1,0 +1,130 @@
+"""The composition root: settings → secrets → directory → signer → server.
+
+Shutdown sequence (SIGTERM or SIGINT): stop accepting, let live connections
+finish within ``drain_timeout``, close the rest, stop the directory watches,
+close the Vault client, report counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+from bastion.audit import AuditLog
+from bastion.auth import KeyDirectory
+from bastion.config import Settings, env_token, read_secret_file
+from bastion.credentials import VaultClient, build_signer
+from bastion.errors import BastionError, ConfigError
+from bastion.metrics import Metrics
+from bastion.routing import ConsulDirectory
+from bastion.server import BastionServer, ServerContext
+from bastion.upstream import HostKeyPolicy, UpstreamConnector
+
+log = logging.getLogger("bastion")
+
+
+async def consul_token(settings: Settings, vault: VaultClient | None) -> str:
+    """The bastion's Consul token from exactly the configured source.
+
+    ``CONSUL_HTTP_TOKEN`` from an operator's shell is never consulted.
+    """
+    c = settings.consul
+    if c.token_file is not None:
+        return read_secret_file(c.token_file, "[consul] token_file")
+    if c.token_env is not None:
+        return env_token(c.token_env)
+    if c.token_vault_path is not None:
+        if vault is None:
+            raise ConfigError("[consul] token_vault_path needs [vault]")
+        data = await vault.read_kv(c.token_vault_path)
+        token = data.get(c.token_vault_field, "").strip()
+        if not token:
+            raise ConfigError(
+                f"[consul] token_vault_path: no field {c.token_vault_field!r} "
+                f"at {c.token_vault_path}"
+            )
+        return token
+    raise ConfigError(
+        "[consul] needs token_file, token_env or token_vault_path: the bastion "
+        "never runs with an anonymous or inherited token"
+    )
+
+
+class Application:
+    """Owns every long-lived part and shuts them down in order."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.vault: VaultClient | None = None
+        self.directory: ConsulDirectory | None = None
+        self.server: BastionServer | None = None
+        self.audit = AuditLog(settings.audit.file)
+        self.metrics = Metrics()
+
+    async def start(self) -> None:
+        s = self.settings
+        if s.vault.enabled:
+            self.vault = VaultClient(s.vault)
+            await self.vault.start()
+        token = await consul_token(s, self.vault)
+        self.directory = ConsulDirectory(s.consul, token, s.upstream.default_port)
+        await self.directory.start()
+        try:
+            await self.directory.wait_loaded(s.consul.request_timeout)
+        except BastionError as exc:
+            # keep going: the watch retries, logins are refused until it loads
+            log.error("directory not loaded yet, logins are refused until it is: %s", exc.detail)
+        signer = (
+            build_signer(s, self.vault)
+            if (s.vault.enabled or s.upstream.ca_key is not None)
+            else None
+        )
+        directory = self.directory
+        host_keys = HostKeyPolicy(
+            s.upstream.known_hosts,
+            directory.host_keys if s.upstream.host_keys_from_directory else None,
+        )
+        connector = UpstreamConnector(s.upstream, signer, host_keys)
+        keys = KeyDirectory(
+            directory.authorized_keys, s.server.authorized_keys_dir, s.server.user_ca_keys
+        )
+        ctx = ServerContext(
+            settings=s.server,
+            router=directory,
+            connector=connector,
+            keys=keys,
+            audit=self.audit,
+            metrics=self.metrics,
+            tunnel_timeout=s.upstream.connect_timeout,
+        )
+        self.server = BastionServer(ctx)
+        await self.server.start()
+        if s.metrics.listen:
+            self.metrics.serve(s.metrics.listen)
+
+    async def stop(self, drain_timeout: float = 10.0) -> None:
+        if self.server is not None:
+            await self.server.stop(drain_timeout)
+        if self.directory is not None:
+            await self.directory.aclose()
+        if self.vault is not None:
+            await self.vault.aclose()
+        self.audit.close()
+
+
+async def serve(settings: Settings, drain_timeout: float = 10.0) -> None:
+    """Run until SIGTERM or SIGINT."""
+    app = Application(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await app.start()
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        with contextlib.suppress(Exception):
+            await app.stop(drain_timeout)

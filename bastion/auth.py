@@ -1,0 +1,101 @@
+"""Who is connecting: the keys and certificates a person may log in with.
+
+A user's authorized keys come from the directory (``ssh-keys/<user>``) and/or
+a local directory of authorized_keys files (``<dir>/<user>``), both in
+OpenSSH authorized_keys format. A trusted user CA adds a ``cert-authority``
+line, which makes asyncssh accept certificates whose principals name the user.
+
+An unknown user gets an empty key set, not an error: the client sees the same
+"Permission denied" either way, so user names cannot be enumerated.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import asyncssh
+
+from bastion.errors import BastionError, ConfigError
+
+log = logging.getLogger("bastion.auth")
+
+# POSIX-portable login names; anything else never matches a route or a key
+_USER_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
+
+
+def valid_username(username: str) -> bool:
+    return bool(_USER_RE.match(username))
+
+
+class KeyDirectory:
+    """Builds the authorized-keys set for one login attempt."""
+
+    def __init__(
+        self,
+        directory_keys: Callable[[str], list[str]] | None,
+        local_dir: Path | None,
+        user_ca_keys: Path | None,
+    ) -> None:
+        self._directory_keys = directory_keys
+        self._local_dir = local_dir
+        self._ca_lines: list[str] = []
+        if user_ca_keys is not None:
+            try:
+                text = user_ca_keys.read_text()
+            except OSError as exc:
+                raise ConfigError(
+                    f"[server] user_ca_keys: cannot read {user_ca_keys}: {exc.strerror}"
+                ) from None
+            for line in text.splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    try:
+                        asyncssh.import_public_key(line)
+                    except (asyncssh.KeyImportError, ValueError):
+                        raise ConfigError(
+                            f"[server] user_ca_keys: {user_ca_keys} holds a line "
+                            "that is not an OpenSSH public key"
+                        ) from None
+                    self._ca_lines.append(f"cert-authority {line}")
+
+    def authorized_keys(self, username: str) -> asyncssh.SSHAuthorizedKeys | None:
+        """The keys ``username`` may log in with (None: none at all)."""
+        if not valid_username(username):
+            return None
+        lines: list[str] = list(self._ca_lines)
+        if self._directory_keys is not None:
+            try:
+                lines += self._directory_keys(username)
+            except BastionError as exc:
+                # no directory: local keys and the user CA still work
+                log.warning("directory keys for %s unavailable: %s", username, exc.detail)
+        if self._local_dir is not None:
+            path = self._local_dir / username
+            try:
+                lines += path.read_text().splitlines()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("cannot read %s: %s", path, exc.strerror)
+        return _import_lines(lines, username)
+
+
+def _import_lines(lines: list[str], username: str) -> asyncssh.SSHAuthorizedKeys | None:
+    good: list[str] = []
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            asyncssh.import_authorized_keys(line)
+        except (asyncssh.KeyImportError, ValueError):
+            # one bad line must not lock the person out of their other keys
+            log.warning("ignoring an unparsable authorized key line for %s", username)
+            continue
+        good.append(line)
+    if not good:
+        return None
+    return asyncssh.import_authorized_keys("\n".join(good) + "\n")

@@ -1,0 +1,298 @@
+"""Settings: one TOML file, parsed and validated once into frozen dataclasses.
+
+Every error names the file and the key (``bastion.toml: [consul] stale_after:
+must be a number of seconds >= 0``), and a TOML syntax error keeps the line
+and column tomllib reports. Unknown keys are errors too: a misspelled setting
+must not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+from bastion.errors import ConfigError
+
+AUTH_METHODS = ("publickey", "password", "keyboard-interactive")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    listen: str = "0.0.0.0:2222"
+    host_keys: tuple[Path, ...] = ()
+    login_grace_time: float = 30.0
+    # pre-auth connections held at once; more are dropped at accept
+    max_unauthenticated: int = 256
+    max_auth_attempts: int = 6
+    auth_methods: tuple[str, ...] = ("publickey",)
+    # local authorized keys: <dir>/<user> in OpenSSH authorized_keys format
+    authorized_keys_dir: Path | None = None
+    # trusted CA for users' own certificates (OpenSSH public key lines)
+    user_ca_keys: Path | None = None
+    # environment variables passed upstream (fnmatch patterns)
+    env_allow: tuple[str, ...] = ("LANG", "LC_*")
+    banner_version: str = "bastion"
+
+    @property
+    def listen_host(self) -> str:
+        return split_host_port(self.listen, 2222)[0]
+
+    @property
+    def listen_port(self) -> int:
+        return split_host_port(self.listen, 2222)[1]
+
+
+@dataclass(frozen=True)
+class ConsulSettings:
+    address: str = "http://127.0.0.1:8500"
+    # exactly one source of the token: file, environment variable, or Vault KV
+    token_file: Path | None = None
+    token_env: str | None = None
+    token_vault_path: str | None = None
+    token_vault_field: str = "token"
+    routes_prefix: str = "users/"
+    keys_prefix: str = "ssh-keys/"
+    host_keys_prefix: str = "host-keys/"
+    # blocking-query wait, seconds
+    wait: float = 30.0
+    # keep serving the last table this long after Consul became unreachable
+    stale_after: float = 300.0
+    # give up on the first load after this long (logins refused until loaded)
+    request_timeout: float = 5.0
+    # register the bastion's own service (script check comes from the agent config)
+    service_name: str = "ssh-bastion"
+
+
+@dataclass(frozen=True)
+class VaultSettings:
+    address: str | None = None
+    role_id_file: Path | None = None
+    secret_id_file: Path | None = None
+    token_file: Path | None = None
+    approle_mount: str = "approle"
+    ssh_mount: str = "ssh-client-signer"
+    ssh_role: str = "bastion"
+    timeout: float = 5.0
+    ca_cert: Path | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.address is not None
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    # local CA private key, used when [vault] is not configured
+    ca_key: Path | None = None
+    known_hosts: Path | None = None
+    # also accept host keys published in Consul KV under consul.host_keys_prefix
+    host_keys_from_directory: bool = True
+    connect_timeout: float = 5.0
+    cert_ttl: int = 300
+    default_port: int = 22
+    keepalive_interval: float = 30.0
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    # JSON lines; "-" is stderr
+    file: str = "-"
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    listen: str | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    consul: ConsulSettings = field(default_factory=ConsulSettings)
+    vault: VaultSettings = field(default_factory=VaultSettings)
+    upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    source: Path | None = None
+
+
+def split_host_port(value: str, default_port: int) -> tuple[str, int]:
+    """``host``, ``host:port``, ``[v6]`` or ``[v6]:port`` → (host, port)."""
+    value = value.strip()
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        if not sep:
+            raise ValueError(f"unclosed '[' in {value!r}")
+        if not rest:
+            return host, default_port
+        if not rest.startswith(":"):
+            raise ValueError(f"junk after ']' in {value!r}")
+        port_s = rest[1:]
+    elif value.count(":") == 1:
+        host, _, port_s = value.partition(":")
+    else:
+        return value, default_port
+    if not port_s.isdigit() or not 0 < int(port_s) < 65536:
+        raise ValueError(f"bad port in {value!r}")
+    return host, int(port_s)
+
+
+T = TypeVar("T")
+
+
+def _build(cls: type[T], raw: Any, where: str, base: Path) -> T:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: must be a table")
+    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}")
+    kwargs: dict[str, Any] = {}
+    defaults = cls()
+    for name, value in raw.items():
+        default = getattr(defaults, name)
+        kwargs[name] = _coerce(value, default, f"{where} {name}", base, known[name].type)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, default: Any, where: str, base: Path, typ: Any) -> Any:
+    typ_s = str(typ)
+    if "Path" in typ_s and "tuple" in typ_s:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: must be a list of paths")
+        return tuple(_path(v, base) for v in value)
+    if "tuple" in typ_s:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: must be a list of strings")
+        return tuple(value)
+    if "Path" in typ_s:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{where}: must be a path")
+        return _path(value, base)
+    if "bool" in typ_s:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: must be true or false")
+        return value
+    if "float" in typ_s or "int" in typ_s:
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ConfigError(f"{where}: must be a number >= 0")
+        return int(value) if "int" in typ_s else float(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: must be a string")
+    return value
+
+
+def _path(value: str, base: Path) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (base / p)
+
+
+def parse_settings(raw: dict[str, Any], source: Path | None = None) -> Settings:
+    """Validate a decoded TOML document (relative paths resolve next to ``source``)."""
+    label = str(source) if source else "<settings>"
+    base = source.parent if source else Path.cwd()
+    sections = {
+        "server": ServerSettings,
+        "consul": ConsulSettings,
+        "vault": VaultSettings,
+        "upstream": UpstreamSettings,
+        "audit": AuditSettings,
+        "metrics": MetricsSettings,
+    }
+    unknown = sorted(set(raw) - set(sections))
+    if unknown:
+        raise ConfigError(f"{label}: unknown section(s) {', '.join(unknown)}")
+    built: dict[str, Any] = {
+        name: _build(cls, raw.get(name, {}), f"{label}: [{name}]", base)
+        for name, cls in sections.items()
+    }
+    settings = Settings(**built, source=source)
+    _validate(settings, label)
+    return settings
+
+
+def _validate(s: Settings, label: str) -> None:
+    def bad(msg: str) -> ConfigError:
+        return ConfigError(f"{label}: {msg}")
+
+    try:
+        split_host_port(s.server.listen, 2222)
+    except ValueError as exc:
+        raise bad(f"[server] listen: {exc}") from None
+    if not s.server.host_keys:
+        raise bad("[server] host_keys: at least one host key file is required")
+    for method in s.server.auth_methods:
+        if method not in AUTH_METHODS:
+            raise bad(
+                f"[server] auth_methods: unknown method {method!r} "
+                f"(choose from {', '.join(AUTH_METHODS)})"
+            )
+    if not s.server.auth_methods:
+        raise bad("[server] auth_methods: must name at least one method")
+    token_sources = [
+        x for x in (s.consul.token_file, s.consul.token_env, s.consul.token_vault_path) if x
+    ]
+    if len(token_sources) > 1:
+        raise bad("[consul] token_file, token_env and token_vault_path are exclusive")
+    if s.consul.token_vault_path and not s.vault.enabled:
+        raise bad("[consul] token_vault_path needs a [vault] address")
+    for key in ("routes_prefix", "keys_prefix", "host_keys_prefix"):
+        prefix = getattr(s.consul, key)
+        if not prefix.endswith("/") or prefix.startswith("/"):
+            raise bad(f"[consul] {key}: must end with '/' and not start with it: {prefix!r}")
+    if s.vault.enabled:
+        has_approle = s.vault.role_id_file and s.vault.secret_id_file
+        if not has_approle and not s.vault.token_file:
+            raise bad("[vault] needs role_id_file and secret_id_file (AppRole), or token_file")
+    elif s.upstream.ca_key is None and "publickey" in s.server.auth_methods:
+        raise bad(
+            "[upstream] ca_key is required when [vault] is not configured "
+            "(the bastion signs per-login certificates with it)"
+        )
+    if not 30 <= s.upstream.cert_ttl <= 3600:
+        raise bad("[upstream] cert_ttl: must be between 30 and 3600 seconds")
+    if s.upstream.known_hosts is None and not s.upstream.host_keys_from_directory:
+        raise bad(
+            "[upstream] known_hosts or host_keys_from_directory is required: "
+            "upstream host keys are always verified"
+        )
+
+
+def load_settings(path: Path) -> Settings:
+    """Read and validate ``path``; every problem is a ConfigError naming it."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return parse_settings(raw, path.resolve())
+
+
+def read_secret_file(path: Path, what: str) -> str:
+    """Read a one-line secret, refusing files that group or others can read."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot read {path}: {exc.strerror}") from None
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(
+            f"{what}: {path} is mode {stat.S_IMODE(st.st_mode):o}; "
+            "it must not be readable by group or others (chmod 600)"
+        )
+    value = path.read_text().strip()
+    if not value:
+        raise ConfigError(f"{what}: {path} is empty")
+    return value
+
+
+def env_token(name: str) -> str:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        raise ConfigError(f"[consul] token_env: environment variable {name} is not set")
+    return value

@@ -1,0 +1,491 @@
+"""Moving bytes between the person's channel and the upstream host.
+
+:class:`SessionRelay` relays a session channel (shell, exec, subsystem) to a
+session channel on the upstream SSH connection: PTY request, environment
+(allow-listed), window changes, signals, break, EOF both ways, stderr kept
+apart, exit status or exit signal passed back.
+
+:class:`TunnelRelay` relays a ``direct-tcpip`` channel to a TCP stream, or to
+a ``direct-tcpip`` channel of the upstream connection.
+
+Flow control is symmetric and real: each direction pauses only its own source
+(the sink's ``pause_writing`` pauses reading on the other side, and
+``resume_writing`` resumes it). SSH window adjusts are only sent when data is
+delivered, so a paused reader stops the peer; nothing here buffers without
+bound. Data is passed through as ``bytes`` objects without being inspected.
+
+The relay knows nothing about Consul, Vault or routing: it is handed an
+``open_upstream`` coroutine and reports through :class:`RelayStats`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import asyncssh
+from asyncssh import EXTENDED_DATA_STDERR
+
+from bastion.errors import BastionError
+
+log = logging.getLogger("bastion.relay")
+
+# pending client data held while the upstream channel is being opened
+_EARLY_DATA_LIMIT = 256 * 1024
+
+
+@dataclass
+class RelayStats:
+    """Counters one relay fills in; read by the server for the audit record."""
+
+    kind: str
+    bytes_up: int = 0  # person → host
+    bytes_down: int = 0  # host → person
+    started: float = field(default_factory=time.monotonic)
+    ended: float | None = None
+    exit_status: int | None = None
+    exit_signal: str | None = None
+    error: BastionError | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def duration(self) -> float:
+        return (self.ended or time.monotonic()) - self.started
+
+
+def filter_env(env: Mapping[str, str], allow: Sequence[str]) -> dict[str, str]:
+    """Only variables matching an allow-list pattern (``LANG``, ``LC_*``) go upstream."""
+    return {k: v for k, v in env.items() if any(fnmatch.fnmatchcase(k, p) for p in allow)}
+
+
+class _Endpoint(Protocol):
+    """What both asyncio transports and asyncssh channels offer."""
+
+    def write(self, data: bytes) -> None: ...
+    def write_eof(self) -> None: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+    def close(self) -> None: ...
+
+
+OpenUpstream = Callable[[], Awaitable[asyncssh.SSHClientConnection]]
+
+
+class SessionRelay(asyncssh.SSHServerSession[bytes]):
+    """The person's session channel, relayed to an upstream session channel."""
+
+    def __init__(
+        self,
+        open_upstream: OpenUpstream,
+        env_allow: Sequence[str],
+        stats: RelayStats,
+        on_end: Callable[[RelayStats], None],
+    ) -> None:
+        self._open_upstream = open_upstream
+        self._env_allow = env_allow
+        self.stats = stats
+        self._on_end = on_end
+        self._chan: asyncssh.SSHServerChannel[bytes] | None = None
+        self._up: asyncssh.SSHClientChannel[bytes] | None = None
+        self._pty: tuple[str, tuple[int, int, int, int], Mapping[int, int]] | None = None
+        self._early: list[bytes] = []
+        self._early_len = 0
+        self._early_eof = False
+        self._front_paused = False
+        self._closed = False
+        self._ended = False
+        self._task: asyncio.Task[None] | None = None
+
+    # -- front (person) side -------------------------------------------------
+
+    def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
+        self._chan = chan
+
+    def pty_requested(
+        self, term_type: str, term_size: tuple[int, int, int, int], term_modes: Mapping[int, int]
+    ) -> bool:
+        self._pty = (term_type, term_size, term_modes)
+        return True
+
+    def shell_requested(self) -> bool:
+        self.stats.detail["request"] = "shell"
+        return True
+
+    def exec_requested(self, command: str) -> bool:
+        self.stats.detail["request"] = "exec"
+        return True
+
+    def subsystem_requested(self, subsystem: str) -> bool:
+        self.stats.detail["request"] = f"subsystem:{subsystem}"
+        return True
+
+    def session_started(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._start_upstream())
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        self.stats.bytes_up += len(data)
+        if self._up is not None:
+            self._up.write(data)
+            return
+        # asyncssh resumes reading right after session_started(): hold what
+        # arrives until the upstream channel exists, then stop reading
+        self._early.append(data)
+        self._early_len += len(data)
+        if (
+            self._early_len >= _EARLY_DATA_LIMIT
+            and self._chan is not None
+            and not self._front_paused
+        ):
+            self._front_paused = True
+            self._chan.pause_reading()
+
+    def eof_received(self) -> bool:
+        if self._up is not None:
+            self._up.write_eof()
+        else:
+            self._early_eof = True
+        # keep our send side open: output and the exit status still follow
+        return True
+
+    def pause_writing(self) -> None:
+        if self._up is not None:
+            self._up.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._up is not None:
+            self._up.resume_reading()
+
+    def terminal_size_changed(self, width: int, height: int, pixwidth: int, pixheight: int) -> None:
+        if self._up is not None:
+            self._up.change_terminal_size(width, height, pixwidth, pixheight)
+        elif self._pty is not None:
+            self._pty = (self._pty[0], (width, height, pixwidth, pixheight), self._pty[2])
+
+    def signal_received(self, signal: str) -> None:
+        if self._up is not None:
+            self._up.send_signal(signal)
+
+    def break_received(self, msec: int) -> bool:
+        if self._up is not None:
+            self._up.send_break(msec)
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        if self._up is not None:
+            self._up.close()
+        self._finish()
+
+    # -- upstream side -------------------------------------------------------
+
+    async def _start_upstream(self) -> None:
+        chan = self._chan
+        assert chan is not None
+        try:
+            conn = await self._open_upstream()
+            env = filter_env(chan.get_environment(), self._env_allow)
+            kwargs: dict[str, Any] = {"env": env, "encoding": None}
+            if self._pty is not None:
+                term_type, term_size, term_modes = self._pty
+                kwargs.update(
+                    request_pty="force",
+                    term_type=term_type,
+                    term_size=term_size,
+                    term_modes=term_modes,
+                )
+            else:
+                kwargs["request_pty"] = False
+            subsystem = chan.get_subsystem()
+            if subsystem is not None:
+                kwargs["subsystem"] = subsystem
+                command = None
+            else:
+                command = chan.get_command()
+            try:
+                up, _ = await conn.create_session(lambda: _UpstreamSession(self), command, **kwargs)
+            except asyncssh.ChannelOpenError as exc:
+                raise BastionError(f"the host refused the session: {exc.reason}") from None
+        except asyncio.CancelledError:
+            raise
+        except BastionError as exc:
+            self._fail(exc)
+            return
+        except Exception as exc:  # the one place a relay start can fail unexpectedly
+            log.exception("relay start failed")
+            self._fail(
+                BastionError(
+                    "internal error while starting the session",
+                    detail=f"{type(exc).__name__}: {exc}",
+                )
+            )
+            return
+        if self._closed:
+            up.close()
+            return
+        self._up = up
+        for data in self._early:
+            up.write(data)
+        self._early.clear()
+        if self._early_eof:
+            up.write_eof()
+        if self._front_paused:
+            self._front_paused = False
+            chan.resume_reading()
+
+    def _fail(self, exc: BastionError) -> None:
+        self.stats.error = exc
+        chan = self._chan
+        if chan is not None and not self._closed:
+            chan.write_stderr(f"bastion: {exc.user_message}\r\n".encode())
+            chan.exit(255)
+
+    def _upstream_data(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        assert self._chan is not None
+        self.stats.bytes_down += len(data)
+        if self._closed:
+            return
+        if datatype == EXTENDED_DATA_STDERR:
+            self._chan.write_stderr(data)
+        else:
+            self._chan.write(data)
+
+    def _upstream_eof(self) -> None:
+        if self._chan is not None and not self._closed:
+            self._chan.write_eof()
+
+    def _upstream_pause(self, pause: bool) -> None:
+        if self._chan is None or self._closed:
+            return
+        if pause:
+            self._chan.pause_reading()
+        else:
+            self._chan.resume_reading()
+
+    def _upstream_closed(self, exc: Exception | None) -> None:
+        chan = self._chan
+        if chan is None or self._closed:
+            self._finish()
+            return
+        sig = self.stats.detail.get("signal")
+        if isinstance(sig, tuple):
+            chan.exit_with_signal(*sig)
+        elif self.stats.exit_status is not None:
+            chan.exit(self.stats.exit_status)
+        elif exc is not None:
+            self._fail(BastionError(f"connection to the host was lost: {exc}"))
+        else:
+            chan.close()
+        self._finish()
+
+    def _finish(self) -> None:
+        if not self._ended:
+            self._ended = True
+            self.stats.ended = time.monotonic()
+            self._on_end(self.stats)
+
+
+class _UpstreamSession(asyncssh.SSHClientSession[bytes]):
+    """The upstream half of a SessionRelay: every callback goes to the front."""
+
+    def __init__(self, relay: SessionRelay) -> None:
+        self._relay = relay
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        self._relay._upstream_data(data, datatype)
+
+    def eof_received(self) -> bool:
+        self._relay._upstream_eof()
+        return True
+
+    def pause_writing(self) -> None:
+        self._relay._upstream_pause(True)
+
+    def resume_writing(self) -> None:
+        self._relay._upstream_pause(False)
+
+    def exit_status_received(self, status: int) -> None:
+        self._relay.stats.exit_status = status
+
+    def exit_signal_received(self, signal: str, core_dumped: bool, msg: str, lang: str) -> None:
+        self._relay.stats.exit_signal = signal
+        self._relay.stats.detail["signal"] = (signal, core_dumped, msg, lang)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._relay._upstream_closed(exc)
+
+
+# ---------------------------------------------------------------------------
+# tunnels
+
+
+class TunnelRelay(asyncssh.SSHTCPSession[bytes]):
+    """A ``direct-tcpip`` channel from the person, relayed to a stream.
+
+    The far side is attached with :meth:`attach` once it is connected; until
+    then (and until the channel is open) data from either side is held and
+    that side's reading is paused.
+    """
+
+    def __init__(self, stats: RelayStats, on_end: Callable[[RelayStats], None]) -> None:
+        self.stats = stats
+        self._on_end = on_end
+        self._chan: asyncssh.SSHTCPChannel[bytes] | None = None
+        self._far: _Endpoint | None = None
+        self._held_down: list[bytes] = []
+        self._held_up: list[bytes] = []
+        self._far_eof = False
+        self._done = False
+
+    def attach(self, far: _Endpoint) -> None:
+        self._far = far
+        if self._chan is None:
+            far.pause_reading()
+
+    # -- person side ---------------------------------------------------------
+
+    def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
+        self._chan = chan
+
+    def session_started(self) -> None:
+        chan = self._chan
+        assert chan is not None
+        for data in self._held_down:
+            chan.write(data)
+        self._held_down.clear()
+        if self._far_eof:
+            chan.write_eof()
+        if self._far is not None:
+            self._far.resume_reading()
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        self.stats.bytes_up += len(data)
+        if self._far is not None:
+            self._far.write(data)
+        else:
+            self._held_up.append(data)
+
+    def eof_received(self) -> bool:
+        if self._far is not None:
+            self._far.write_eof()
+        return True
+
+    def pause_writing(self) -> None:
+        if self._far is not None:
+            self._far.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._far is not None:
+            self._far.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._far is not None:
+            self._far.close()
+        self._finish()
+
+    # -- far side (called by the far protocol) -------------------------------
+
+    def far_data(self, data: bytes) -> None:
+        self.stats.bytes_down += len(data)
+        if self._chan is not None:
+            self._chan.write(data)
+        else:
+            self._held_down.append(data)
+
+    def far_eof(self) -> None:
+        self._far_eof = True
+        if self._chan is not None:
+            self._chan.write_eof()
+
+    def far_pause(self, pause: bool) -> None:
+        if self._chan is None:
+            return
+        if pause:
+            self._chan.pause_reading()
+        else:
+            self._chan.resume_reading()
+
+    def far_closed(self) -> None:
+        if self._chan is not None:
+            self._chan.close()
+        self._finish()
+
+    def _finish(self) -> None:
+        if not self._done:
+            self._done = True
+            self.stats.ended = time.monotonic()
+            self._on_end(self.stats)
+
+
+class _TcpFar(asyncio.Protocol):
+    """A TCP connection made by the bastion, as the far side of a TunnelRelay."""
+
+    def __init__(self, relay: TunnelRelay) -> None:
+        self._relay = relay
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._relay.attach(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._relay.far_data(data)
+
+    def eof_received(self) -> bool:
+        self._relay.far_eof()
+        return True
+
+    def pause_writing(self) -> None:
+        self._relay.far_pause(True)
+
+    def resume_writing(self) -> None:
+        self._relay.far_pause(False)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._relay.far_closed()
+
+
+class _SshFar(asyncssh.SSHTCPSession[bytes]):
+    """A ``direct-tcpip`` channel on the upstream connection, as the far side."""
+
+    def __init__(self, relay: TunnelRelay) -> None:
+        self._relay = relay
+
+    def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
+        self._relay.attach(chan)
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        self._relay.far_data(data)
+
+    def eof_received(self) -> bool:
+        self._relay.far_eof()
+        return True
+
+    def pause_writing(self) -> None:
+        self._relay.far_pause(True)
+
+    def resume_writing(self) -> None:
+        self._relay.far_pause(False)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._relay.far_closed()
+
+
+async def open_tcp_tunnel(relay: TunnelRelay, host: str, port: int, timeout: float) -> TunnelRelay:
+    """Connect the bastion itself to ``host:port`` and attach it to ``relay``."""
+    loop = asyncio.get_running_loop()
+    await asyncio.wait_for(loop.create_connection(lambda: _TcpFar(relay), host, port), timeout)
+    return relay
+
+
+async def open_ssh_tunnel(
+    relay: TunnelRelay, conn: asyncssh.SSHClientConnection, host: str, port: int
+) -> TunnelRelay:
+    """Open ``direct-tcpip`` to ``host:port`` from the upstream host."""
+    await conn.create_connection(lambda: _SshFar(relay), host, port, encoding=None)
+    return relay

@@ -1,0 +1,413 @@
+"""The SSH server people connect to: listener lifecycle, per-connection
+callbacks, the live-session registry and drain.
+
+This is the one place where a :class:`BastionError` becomes what the person
+sees (a stderr line and exit status 255, an auth banner, or a channel-open
+refusal) and an audit record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import socket
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import asyncssh
+
+from bastion.audit import AuditLog
+from bastion.auth import KeyDirectory, valid_username
+from bastion.config import ServerSettings
+from bastion.errors import BastionError, ForwardDenied, UpstreamAuthFailed
+from bastion.metrics import Metrics
+from bastion.relay import (
+    RelayStats,
+    SessionRelay,
+    TunnelRelay,
+    open_tcp_tunnel,
+)
+from bastion.routing import Destination, Route
+
+log = logging.getLogger("bastion.server")
+
+
+class Router(Protocol):
+    """The narrow routing question the server asks (``ConsulDirectory`` answers)."""
+
+    def route_for(self, user: str) -> Route: ...
+    def resolve(self, route: Route) -> Destination: ...
+    def jump_destination(self, user: str, host: str, port: int) -> Destination: ...
+
+
+class Connector(Protocol):
+    async def connect(
+        self,
+        dest: Destination,
+        *,
+        key_id: str,
+        password: str | None = None,
+        agent_path: str | None = None,
+    ) -> asyncssh.SSHClientConnection: ...
+
+
+@dataclass
+class ServerContext:
+    """Everything a connection needs, built once by the application."""
+
+    settings: ServerSettings
+    router: Router
+    connector: Connector
+    keys: KeyDirectory
+    audit: AuditLog
+    metrics: Metrics
+    tunnel_timeout: float = 10.0
+
+
+class BastionConnection(asyncssh.SSHServer):
+    """Callbacks for one person's connection."""
+
+    def __init__(self, ctx: ServerContext, registry: ConnectionRegistry) -> None:
+        self._ctx = ctx
+        self._registry = registry
+        self.conn: asyncssh.SSHServerConnection | None = None
+        self.conn_id = secrets.token_hex(6)
+        self.user = ""
+        self.source = ""
+        self._authenticated = False
+        self._counted_unauth = False
+        self._route: Route | None = None
+        self._dest: Destination | None = None
+        self._upstream: asyncssh.SSHClientConnection | None = None
+        self._upstream_lock = asyncio.Lock()
+        self._upstream_error: BastionError | None = None
+        self._channels = 0
+        self._refusal: BastionError | None = None
+        self._started = time.monotonic()
+
+    # -- connection lifecycle ------------------------------------------------
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self.conn = conn
+        peer = conn.get_extra_info("peername") or ("?", 0)
+        self.source = f"{peer[0]}:{peer[1]}"
+        sock = conn.get_extra_info("socket")
+        if isinstance(sock, socket.socket):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._ctx.metrics.connections.inc()
+        if not self._registry.admit(self):
+            log.warning(
+                "dropping %s: %d unauthenticated connections already",
+                self.source,
+                self._ctx.settings.max_unauthenticated,
+            )
+            conn.disconnect(asyncssh.DISC_TOO_MANY_CONNECTIONS, "too many connections")
+            return
+        self._counted_unauth = True
+        self._ctx.metrics.unauthenticated.inc()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._leave_unauth()
+        self._registry.remove(self)
+        if self._upstream is not None:
+            self._upstream.close()
+        if self._channels == 0:
+            outcome = (
+                "refused"
+                if self._refusal
+                else ("authenticated" if self._authenticated else "auth-failed")
+            )
+            reason = self._refusal.reason if self._refusal else None
+            if not self._authenticated:
+                self._ctx.metrics.logins.labels("auth-failed", "auth").inc()
+            self._ctx.audit.record(
+                "connection",
+                conn=self.conn_id,
+                user=self.user or None,
+                source=self.source,
+                outcome=outcome,
+                reason=reason,
+                route=self._route.raw if self._route else None,
+                duration_ms=round((time.monotonic() - self._started) * 1000),
+            )
+
+    def _leave_unauth(self) -> None:
+        if self._counted_unauth:
+            self._counted_unauth = False
+            self._registry.left_unauth()
+            self._ctx.metrics.unauthenticated.dec()
+
+    # -- authentication ------------------------------------------------------
+
+    def begin_auth(self, username: str) -> bool:
+        self.user = username
+        keys = self._ctx.keys.authorized_keys(username)
+        if keys is not None and self.conn is not None:
+            self.conn.set_authorized_keys(keys)
+        return True
+
+    def public_key_auth_supported(self) -> bool:
+        return "publickey" in self._ctx.settings.auth_methods
+
+    def password_auth_supported(self) -> bool:
+        return "password" in self._ctx.settings.auth_methods
+
+    def kbdint_auth_supported(self) -> bool:
+        return "keyboard-interactive" in self._ctx.settings.auth_methods
+
+    async def validate_password(self, username: str, password: str) -> bool:
+        return await self._passthrough(username, password)
+
+    def get_kbdint_challenge(
+        self, username: str, lang: str, submethods: str
+    ) -> tuple[str, str, str, list[tuple[str, bool]]]:
+        return "", "", "", [("Password: ", False)]
+
+    async def validate_kbdint_response(self, username: str, responses: Sequence[str]) -> bool:
+        if len(responses) != 1:
+            return False
+        return await self._passthrough(username, responses[0])
+
+    async def _passthrough(self, username: str, password: str) -> bool:
+        """Relay the person's password upstream; the host's answer decides."""
+        if not valid_username(username):
+            return False
+        try:
+            async with self._upstream_lock:
+                if self._upstream is None:
+                    self._upstream = await self._connect_upstream(password=password)
+            return True
+        except UpstreamAuthFailed:
+            return False
+        except BastionError as exc:
+            # the person learns why (e.g. host down) instead of a bare "denied"
+            self._refusal = exc
+            if self.conn is not None:
+                with contextlib.suppress(Exception):
+                    self.conn.send_auth_banner(f"bastion: {exc.user_message}\r\n")
+            return False
+
+    def auth_completed(self) -> None:
+        self._authenticated = True
+        self._leave_unauth()
+
+    # -- the upstream connection (one per person's connection) ---------------
+
+    async def _connect_upstream(
+        self,
+        password: str | None = None,
+    ) -> asyncssh.SSHClientConnection:
+        started = time.monotonic()
+        try:
+            self._route = self._ctx.router.route_for(self.user)
+            self._dest = self._ctx.router.resolve(self._route)
+            conn = await self._ctx.connector.connect(
+                self._dest, key_id=f"bastion:{self.user}:{self.conn_id}", password=password
+            )
+        except BastionError as exc:
+            self._refusal = exc
+            self._ctx.metrics.logins.labels("refused", exc.reason).inc()
+            log.warning(
+                "login of %s from %s refused: %s: %s",
+                self.user,
+                self.source,
+                exc.reason,
+                exc.detail,
+            )
+            raise
+        self._ctx.metrics.login_seconds.observe(time.monotonic() - started)
+        self._ctx.metrics.logins.labels("accepted", "").inc()
+        log.info("login of %s from %s to %s", self.user, self.source, self._dest.label)
+        return conn
+
+    async def upstream(self) -> asyncssh.SSHClientConnection:
+        """The upstream connection, opened on first use and shared by channels."""
+        async with self._upstream_lock:
+            if self._upstream is None:
+                self._upstream = await self._connect_upstream()
+            return self._upstream
+
+    # -- channels ------------------------------------------------------------
+
+    def _channel_stats(self, kind: str) -> RelayStats:
+        self._channels += 1
+        self._ctx.metrics.channels_active.labels(kind).inc()
+        return RelayStats(kind=kind)
+
+    def _channel_ended(self, stats: RelayStats) -> None:
+        m = self._ctx.metrics
+        m.channels_active.labels(stats.kind).dec()
+        m.bytes.labels("up").inc(stats.bytes_up)
+        m.bytes.labels("down").inc(stats.bytes_down)
+        err = stats.error
+        self._ctx.audit.record(
+            stats.kind,
+            conn=self.conn_id,
+            user=self.user,
+            source=self.source,
+            route=self._route.raw if self._route else None,
+            upstream=self._dest.label if self._dest else stats.detail.get("target"),
+            outcome="error" if err else "ok",
+            reason=err.reason if err else None,
+            message=err.user_message if err else None,
+            bytes_up=stats.bytes_up,
+            bytes_down=stats.bytes_down,
+            duration_ms=round(stats.duration * 1000),
+            exit_status=stats.exit_status,
+            exit_signal=stats.exit_signal,
+            request=stats.detail.get("request"),
+        )
+
+    def session_requested(self) -> SessionRelay:
+        return SessionRelay(
+            self.upstream,
+            self._ctx.settings.env_allow,
+            self._channel_stats("session"),
+            self._channel_ended,
+        )
+
+    def connection_requested(
+        self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
+    ) -> Awaitable[TunnelRelay]:
+        return self._open_tunnel(dest_host, dest_port)
+
+    async def _open_tunnel(self, host: str, port: int) -> TunnelRelay:
+        """``ssh -J`` / ``-W``: only to the hosts this user is routed to."""
+        target = f"{host}:{port}"
+        try:
+            dest = self._ctx.router.jump_destination(self.user, host, port)
+        except BastionError as exc:
+            self._refuse_channel(exc, "tunnel", target)
+            raise _open_error(exc) from None
+        stats = self._channel_stats("tunnel")
+        stats.detail["target"] = dest.label
+        relay = TunnelRelay(stats, self._channel_ended)
+        try:
+            return await open_tcp_tunnel(relay, dest.host, dest.port, self._ctx.tunnel_timeout)
+        except (OSError, TimeoutError) as exc:
+            reason = getattr(exc, "strerror", None) or "timed out"
+            err = BastionError(f"cannot reach {dest.label}: {reason}")
+            stats.error = err
+            self._channel_ended(stats)
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_CONNECT_FAILED, err.user_message
+            ) from None
+
+    def _refuse_channel(self, exc: BastionError, kind: str, target: str) -> None:
+        log.warning(
+            "%s of %s from %s to %s refused: %s", kind, self.user, self.source, target, exc.detail
+        )
+        self._ctx.audit.record(
+            kind,
+            conn=self.conn_id,
+            user=self.user,
+            source=self.source,
+            upstream=target,
+            outcome="refused",
+            reason=exc.reason,
+            message=exc.user_message,
+        )
+        self._channels += 1  # the refusal is this channel's record
+
+    def server_requested(self, listen_host: str, listen_port: int) -> bool:
+        return False
+
+
+def _open_error(exc: BastionError) -> asyncssh.ChannelOpenError:
+    code = (
+        asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED
+        if isinstance(exc, ForwardDenied)
+        else asyncssh.OPEN_CONNECT_FAILED
+    )
+    return asyncssh.ChannelOpenError(code, exc.user_message)
+
+
+class ConnectionRegistry:
+    """Live connections, and the bound on unauthenticated ones."""
+
+    def __init__(self, max_unauthenticated: int) -> None:
+        self._max_unauth = max_unauthenticated
+        self._unauth = 0
+        self.live: set[BastionConnection] = set()
+        self.empty = asyncio.Event()
+        self.empty.set()
+
+    def admit(self, conn: BastionConnection) -> bool:
+        if self._unauth >= self._max_unauth:
+            return False
+        self._unauth += 1
+        self.live.add(conn)
+        self.empty.clear()
+        return True
+
+    def left_unauth(self) -> None:
+        self._unauth -= 1
+
+    def remove(self, conn: BastionConnection) -> None:
+        self.live.discard(conn)
+        if not self.live:
+            self.empty.set()
+
+
+class BastionServer:
+    """The listener: start, stop accepting, drain, close."""
+
+    def __init__(self, ctx: ServerContext) -> None:
+        self._ctx = ctx
+        self.registry = ConnectionRegistry(ctx.settings.max_unauthenticated)
+        self._acceptor: asyncssh.SSHAcceptor | None = None
+
+    @property
+    def port(self) -> int:
+        assert self._acceptor is not None
+        return int(self._acceptor.get_port())
+
+    async def start(self) -> None:
+        s = self._ctx.settings
+        factory: Callable[[], asyncssh.SSHServer] = lambda: BastionConnection(  # noqa: E731
+            self._ctx, self.registry
+        )
+        options: dict[str, Any] = {
+            "server_host_keys": [str(p) for p in s.host_keys],
+            "login_timeout": s.login_grace_time,
+            "line_editor": False,
+            "encoding": None,
+            "allow_scp": False,
+            "x11_forwarding": False,
+            "agent_forwarding": False,
+            "server_version": s.banner_version,
+            "keepalive_interval": 60,
+            "config": None,
+        }
+        try:
+            self._acceptor = await asyncssh.create_server(
+                factory, s.listen_host or None, s.listen_port, reuse_address=True, **options
+            )
+        except (OSError, asyncssh.KeyImportError, ValueError) as exc:
+            raise BastionError(f"cannot listen on {s.listen}: {exc}") from exc
+        log.info("listening on %s", s.listen)
+
+    async def stop(self, drain_timeout: float = 10.0) -> dict[str, int]:
+        """Stop accepting, let sessions finish within ``drain_timeout``, then close."""
+        if self._acceptor is None:
+            return {"drained": 0, "closed": 0}
+        # newer Pythons' wait_closed() also waits for live connections: only
+        # close the listener here and wait for it after the drain
+        self._acceptor.close()
+        before = len(self.registry.live)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.registry.empty.wait(), drain_timeout)
+        left = list(self.registry.live)
+        for bconn in left:
+            if bconn.conn is not None:
+                bconn.conn.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._acceptor.wait_closed(), 5)
+        counts = {"drained": before - len(left), "closed": len(left)}
+        log.info("stopped: %(drained)d connections finished, %(closed)d closed", counts)
+        return counts
