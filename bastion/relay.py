@@ -450,8 +450,9 @@ class _TcpFar(asyncio.Protocol):
         self._relay.far_closed()
 
 
-class _SshFar(asyncssh.SSHTCPSession[bytes]):
-    """A ``direct-tcpip`` channel on the upstream connection, as the far side."""
+class ChannelFar(asyncssh.SSHTCPSession[bytes]):
+    """An SSH TCP channel (upstream ``direct-tcpip``, or ``forwarded-tcpip`` back to
+    the person for ``-R``) as the far side of a TunnelRelay."""
 
     def __init__(self, relay: TunnelRelay) -> None:
         self._relay = relay
@@ -487,5 +488,5 @@ async def open_ssh_tunnel(
     relay: TunnelRelay, conn: asyncssh.SSHClientConnection, host: str, port: int
 ) -> TunnelRelay:
     """Open ``direct-tcpip`` to ``host:port`` from the upstream host."""
-    await conn.create_connection(lambda: _SshFar(relay), host, port, encoding=None)
+    await conn.create_connection(lambda: ChannelFar(relay), host, port, encoding=None)
     return relay

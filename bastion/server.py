@@ -26,9 +26,11 @@ from bastion.config import ServerSettings
 from bastion.errors import BastionError, ForwardDenied, UpstreamAuthFailed
 from bastion.metrics import Metrics
 from bastion.relay import (
+    ChannelFar,
     RelayStats,
     SessionRelay,
     TunnelRelay,
+    open_ssh_tunnel,
     open_tcp_tunnel,
 )
 from bastion.routing import Destination, Route
@@ -206,8 +208,14 @@ class BastionConnection(asyncssh.SSHServer):
         try:
             self._route = self._ctx.router.route_for(self.user)
             self._dest = self._ctx.router.resolve(self._route)
+            agent_path = None
+            if self._route.policy.agent_forwarding and self.conn is not None:
+                agent_path = self.conn.get_agent_path()
             conn = await self._ctx.connector.connect(
-                self._dest, key_id=f"bastion:{self.user}:{self.conn_id}", password=password
+                self._dest,
+                key_id=f"bastion:{self.user}:{self.conn_id}",
+                password=password,
+                agent_path=agent_path,
             )
         except BastionError as exc:
             self._refusal = exc
@@ -277,10 +285,20 @@ class BastionConnection(asyncssh.SSHServer):
         return self._open_tunnel(dest_host, dest_port)
 
     async def _open_tunnel(self, host: str, port: int) -> TunnelRelay:
-        """``ssh -J`` / ``-W``: only to the hosts this user is routed to."""
+        """A ``direct-tcpip`` channel: ``ssh -J``/``-W`` or ``ssh -L``.
+
+        A destination the directory routes this user to is a jump: the
+        bastion connects to it itself. Anything else is local forwarding
+        through the routed host, only where the user's policy allows it.
+        """
         target = f"{host}:{port}"
         try:
             dest = self._ctx.router.jump_destination(self.user, host, port)
+        except ForwardDenied as denied:
+            if not self._policy_allows("local_forwarding"):
+                self._refuse_channel(denied, "tunnel", target)
+                raise _open_error(denied) from None
+            return await self._forward_via_upstream(host, port)
         except BastionError as exc:
             self._refuse_channel(exc, "tunnel", target)
             raise _open_error(exc) from None
@@ -298,6 +316,36 @@ class BastionConnection(asyncssh.SSHServer):
                 asyncssh.OPEN_CONNECT_FAILED, err.user_message
             ) from None
 
+    def _policy_allows(self, what: str) -> bool:
+        """The user's forwarding policy (fails closed when there is no route)."""
+        try:
+            route = self._ctx.router.route_for(self.user)
+        except BastionError:
+            return False
+        return bool(getattr(route.policy, what))
+
+    async def _forward_via_upstream(self, host: str, port: int) -> TunnelRelay:
+        """``ssh -L``: the routed host opens the connection, as if logged in there."""
+        target = f"{host}:{port}"
+        try:
+            upstream = await self.upstream()
+        except BastionError as exc:
+            self._refuse_channel(exc, "forward", target)
+            raise _open_error(exc) from None
+        stats = self._channel_stats("forward")
+        stats.detail["target"] = target
+        relay = TunnelRelay(stats, self._channel_ended)
+        try:
+            return await open_ssh_tunnel(relay, upstream, host, port)
+        except asyncssh.ChannelOpenError as exc:
+            stats.error = BastionError(f"{target} via the host: {exc.reason}")
+            self._channel_ended(stats)
+            raise
+        except OSError as exc:
+            stats.error = BastionError(f"{target} via the host: {exc}")
+            self._channel_ended(stats)
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, str(exc)) from None
+
     def _refuse_channel(self, exc: BastionError, kind: str, target: str) -> None:
         log.warning(
             "%s of %s from %s to %s refused: %s", kind, self.user, self.source, target, exc.detail
@@ -314,8 +362,56 @@ class BastionConnection(asyncssh.SSHServer):
         )
         self._channels += 1  # the refusal is this channel's record
 
-    def server_requested(self, listen_host: str, listen_port: int) -> bool:
-        return False
+    def server_requested(
+        self, listen_host: str, listen_port: int
+    ) -> Awaitable[asyncssh.SSHListener | bool]:
+        return self._remote_forward(listen_host, listen_port)
+
+    async def _remote_forward(
+        self, listen_host: str, listen_port: int
+    ) -> asyncssh.SSHListener | bool:
+        """``ssh -R``: the routed host listens; its connections come back to the person."""
+        target = f"{listen_host}:{listen_port}"
+        if not self._policy_allows("remote_forwarding"):
+            exc = ForwardDenied(f"{self.user} may not forward remote ports")
+            self._refuse_channel(exc, "remote-forward", target)
+            return False
+        try:
+            upstream = await self.upstream()
+        except BastionError as exc:
+            self._refuse_channel(exc, "remote-forward", target)
+            return False
+        front = self.conn
+        assert front is not None
+
+        async def incoming(orig_host: str, orig_port: int) -> TunnelRelay:
+            # open the person's side first, so the host's connection is
+            # accepted only once there is somewhere for its bytes to go
+            stats = self._channel_stats("remote-forward")
+            stats.detail["target"] = target
+            relay = TunnelRelay(stats, self._channel_ended)
+            try:
+                await front.create_connection(
+                    lambda: ChannelFar(relay),
+                    listen_host,
+                    listen_port,
+                    orig_host,
+                    orig_port,
+                    encoding=None,
+                )
+            except (asyncssh.ChannelOpenError, OSError) as exc:
+                stats.error = BastionError(f"the client refused {target}: {exc}")
+                self._channel_ended(stats)
+                raise asyncssh.ChannelOpenError(
+                    asyncssh.OPEN_CONNECT_FAILED, "the client refused the connection"
+                ) from None
+            return relay
+
+        try:
+            return await upstream.create_server(incoming, listen_host, listen_port, encoding=None)
+        except (asyncssh.ChannelListenError, OSError) as exc:
+            log.warning("remote forward %s for %s failed: %s", target, self.user, exc)
+            return False
 
 
 def _open_error(exc: BastionError) -> asyncssh.ChannelOpenError:
@@ -379,7 +475,9 @@ class BastionServer:
             "encoding": None,
             "allow_scp": False,
             "x11_forwarding": False,
-            "agent_forwarding": False,
+            # the person's agent is only ever passed upstream when their policy says so
+            # (see _connect_upstream); the listener lives in a 0700 temp dir
+            "agent_forwarding": True,
             "server_version": s.banner_version,
             "keepalive_interval": 60,
             "config": None,
