@@ -61,10 +61,14 @@ class KeyDirectory:
                         ) from None
                     self._ca_lines.append(f"cert-authority {line}")
 
-    def authorized_keys(self, username: str) -> asyncssh.SSHAuthorizedKeys | None:
-        """The keys ``username`` may log in with (None: none at all)."""
+    def authorized_keys(
+        self, username: str
+    ) -> tuple[asyncssh.SSHAuthorizedKeys | None, BastionError | None]:
+        """The keys ``username`` may log in with (None: none at all), and the
+        directory's problem if it could not be asked."""
         if not valid_username(username):
-            return None
+            return None, None
+        problem: BastionError | None = None
         lines: list[str] = list(self._ca_lines)
         if self._directory_keys is not None:
             try:
@@ -72,6 +76,7 @@ class KeyDirectory:
             except BastionError as exc:
                 # no directory: local keys and the user CA still work
                 log.warning("directory keys for %s unavailable: %s", username, exc.detail)
+                problem = exc
         if self._local_dir is not None:
             path = self._local_dir / username
             try:
@@ -80,7 +85,7 @@ class KeyDirectory:
                 pass
             except OSError as exc:
                 log.warning("cannot read %s: %s", path, exc.strerror)
-        return _import_lines(lines, username)
+        return _import_lines(lines, username), problem
 
 
 def _import_lines(lines: list[str], username: str) -> asyncssh.SSHAuthorizedKeys | None:

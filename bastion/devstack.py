@@ -570,13 +570,17 @@ def ssh_command(
     extra: Sequence[str] = (),
     command: Sequence[str] = (),
 ) -> list[str]:
-    """An OpenSSH client command line that reads no user config and never prompts."""
+    """An OpenSSH client command line that reads no user config and never prompts.
+
+    ``extra`` comes first: for ssh the first value of an option wins.
+    """
     argv = [
         ssh_bin(),
         "-F",
         "/dev/null",
         "-p",
         str(port),
+        *extra,
         "-o",
         "BatchMode=yes",
         "-o",
@@ -592,7 +596,6 @@ def ssh_command(
     ]
     if identity is not None:
         argv += ["-o", "IdentitiesOnly=yes", "-i", str(identity)]
-    argv += list(extra)
     argv.append(f"{user}@{host}")
     argv += list(command)
     return argv
@@ -688,6 +691,20 @@ class BastionProcess:
         if not self.audit_file.exists():
             return []
         return [json.loads(line) for line in self.audit_file.read_text().splitlines() if line]
+
+    def wait_audit(
+        self, match: Callable[[dict[str, Any]], bool], timeout: float = 10.0
+    ) -> dict[str, Any]:
+        """The newest audit record that matches, polled for: records are
+        written when a channel ends, a moment after the client has exited."""
+        found: list[dict[str, Any]] = []
+
+        def probe() -> bool:
+            found[:] = [r for r in self.audit_records() if match(r)]
+            return bool(found)
+
+        wait_until("audit record", probe, timeout)
+        return found[-1]
 
     def stop(self) -> None:
         if self.process is not None:

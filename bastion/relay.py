@@ -128,10 +128,18 @@ class SessionRelay(asyncssh.SSHServerSession[bytes]):
         self._task = asyncio.get_running_loop().create_task(self._start_upstream())
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
-        self.stats.bytes_up += len(data)
-        if self._up is not None:
-            self._up.write(data)
+        up = self._up
+        if up is not None:
+            # the host may already have closed the channel (a command that
+            # never read its input has exited) while the person still sends:
+            # drop, as a pipe without a reader would. Writing would raise and
+            # asyncssh would tear down the person's whole connection before
+            # the exit status got out.
+            if not up.is_closing():
+                self.stats.bytes_up += len(data)
+                up.write(data)
             return
+        self.stats.bytes_up += len(data)
         # asyncssh resumes reading right after session_started(): hold what
         # arrives until the upstream channel exists, then stop reading
         self._early.append(data)
@@ -243,14 +251,17 @@ class SessionRelay(asyncssh.SSHServerSession[bytes]):
         self.stats.error = exc
         chan = self._chan
         if chan is not None and not self._closed:
-            chan.write_stderr(f"bastion: {exc.user_message}\r\n".encode())
+            if not chan.is_closing():  # not after EOF: writing would raise
+                chan.write_stderr(f"bastion: {exc.user_message}\r\n".encode())
             chan.exit(255)
 
     def _upstream_data(self, data: bytes, datatype: asyncssh.DataType) -> None:
         assert self._chan is not None
-        self.stats.bytes_down += len(data)
-        if self._closed:
+        # the person may have closed the channel already: writing would raise
+        # and tear down the upstream connection, which other channels share
+        if self._closed or self._chan.is_closing():
             return
+        self.stats.bytes_down += len(data)
         if datatype == EXTENDED_DATA_STDERR:
             self._chan.write_stderr(data)
         else:

@@ -148,9 +148,16 @@ class BastionConnection(asyncssh.SSHServer):
 
     def begin_auth(self, username: str) -> bool:
         self.user = username
-        keys = self._ctx.keys.authorized_keys(username)
-        if keys is not None and self.conn is not None:
+        keys, problem = self._ctx.keys.authorized_keys(username)
+        if self.conn is None:
+            return True
+        if keys is not None:
             self.conn.set_authorized_keys(keys)
+        if problem is not None:
+            # the same text for every user name, so it reveals no accounts
+            self._refusal = problem
+            with contextlib.suppress(Exception):
+                self.conn.send_auth_banner(f"bastion: {problem.user_message}\r\n")
         return True
 
     def public_key_auth_supported(self) -> bool:

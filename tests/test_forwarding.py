@@ -361,8 +361,13 @@ def test_remote_forwarding_by_policy(
     put_entry(consul, "alice", {"route": route(hosts, "host-102"), "remote_forwarding": True})
     client = _forwarding_client(bastion, people["alice"], spec)
     try:
-        # a connection made on host-102 comes back through the bastion to the client
-        assert _banner_through(rport).startswith(b"SSH-2.0-OpenSSH")
+        # a connection made on host-102 comes back through the bastion to the
+        # client. One made while the forward is still being set up can be
+        # dropped (sshd listens before it answers the request), so retry.
+        deadline = time.monotonic() + 10
+        while not (banner := _banner_through(rport)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert banner.startswith(b"SSH-2.0-OpenSSH")
     finally:
         client.terminate()
         client.communicate(timeout=10)

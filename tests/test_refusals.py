@@ -1,0 +1,375 @@
+"""Bad input gets a clear, specific refusal and the bastion keeps serving others.
+
+Malformed directory entries, unknown and unhealthy hosts, host-key
+mismatches, password passthrough, a local CA instead of Vault, Consul going
+away and coming back, and secrets never reaching logs.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import ConsulTokens, Person, VaultSetup, bastion_sections, route
+
+from bastion import devstack
+from bastion.devstack import BastionProcess, ConsulAgent, SshdHost, ssh_command
+
+
+def ssh(
+    port: int, user: str, key: Path, *command: str, extra: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        ssh_command(port=port, user=user, identity=key, extra=extra, command=command),
+        capture_output=True,
+        timeout=60,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+@pytest.fixture(scope="module")
+def dave(consul: ConsulAgent, people: dict[str, Person]) -> Iterator[Person]:
+    """A person whose directory entry the tests break in every way (alice's key)."""
+    consul.kv_put("ssh-keys/dave", people["alice"].pubkey)
+    yield Person("dave", people["alice"].key)
+    consul.kv_delete("users/dave")
+    consul.kv_delete("ssh-keys/dave")
+
+
+def set_route(consul: ConsulAgent, user: str, value: str | bytes) -> None:
+    consul.kv_put(f"users/{user}", value)
+    time.sleep(0.2)  # in force within milliseconds; leave a margin
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (b"%%% not a host", b"directory entry for dave is malformed"),
+        (b"", b"directory entry for dave is malformed"),
+        (b"host-" + b"a" * 2000, b"directory entry for dave is malformed"),
+        (b"host-102\x07", b"directory entry for dave is malformed"),
+        (b"host-102:99999", b"bad port"),
+        (b"\xff\xfe", b"directory entry for dave is malformed"),
+        (b"host-999", b"host-999 is not a known host"),
+    ],
+)
+def test_bad_entries_are_refused_and_others_keep_working(
+    bastion: BastionProcess,
+    consul: ConsulAgent,
+    dave: Person,
+    people: dict[str, Person],
+    value: bytes,
+    message: bytes,
+) -> None:
+    set_route(consul, "dave", value)
+    result = ssh(bastion.port, "dave", dave.key, "hostname")
+    assert result.returncode == 255
+    assert result.stdout == b""
+    assert result.stderr.startswith(b"bastion: "), result.stderr
+    assert message in result.stderr
+    assert result.stderr.count(b"\n") == 1  # one line
+    ok = ssh(bastion.port, "alice", people["alice"].key, "hostname")
+    assert ok.stdout == b"host-102\n"
+
+
+def test_unhealthy_host_is_not_used(
+    bastion: BastionProcess, consul: ConsulAgent, hosts: dict[str, SshdHost], dave: Person
+) -> None:
+    consul.register_node("host-666", hosts["host-102"].address, status="critical")
+    set_route(consul, "dave", f"host-666:{hosts['host-102'].port}")
+    result = ssh(bastion.port, "dave", dave.key, "hostname")
+    assert result.returncode == 255
+    assert b"host-666 is down" in result.stderr
+    # with a fallback the next healthy target is used
+    set_route(
+        consul, "dave", f"dave@host-666:{hosts['host-102'].port}, alice@{route(hosts, 'host-101')}"
+    )
+    result = ssh(bastion.port, "dave", dave.key, "hostname; id -un")
+    assert result.stdout == b"host-101\nalice\n", result.stderr
+    record = bastion.wait_audit(lambda r: r.get("user") == "dave")
+    assert record["upstream"].startswith("host-101")
+
+
+def test_unreachable_host_is_named(
+    bastion: BastionProcess, consul: ConsulAgent, dave: Person
+) -> None:
+    # a node in the catalog, passing, but nothing listens there
+    consul.register_node("host-404", "127.0.1.104")
+    consul.kv_put(
+        "host-keys/host-404",
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl",
+    )
+    set_route(consul, "dave", f"host-404:{devstack.free_port('127.0.1.104')}")
+    result = ssh(bastion.port, "dave", dave.key, "hostname")
+    assert result.returncode == 255
+    assert b"cannot reach host-404" in result.stderr
+    consul.kv_delete("host-keys/host-404")
+
+
+@pytest.fixture(scope="module")
+def host_103(
+    stack_dir: Path, local_ca: Path, vault: VaultSetup, consul: ConsulAgent
+) -> Iterator[SshdHost]:
+    """A host whose key the bastion does not know (nor is told correctly)."""
+    host = SshdHost(
+        "host-103",
+        "127.0.1.103",
+        stack_dir / "host-103",
+        [local_ca.with_suffix(".pub"), vault.user_ca_pub],
+    ).start()
+    consul.register_node("host-103", host.address)
+    yield host
+    host.stop()
+    consul.kv_delete("host-keys/host-103")
+
+
+def test_upstream_host_key_is_verified(
+    bastion: BastionProcess,
+    consul: ConsulAgent,
+    hosts: dict[str, SshdHost],
+    host_103: SshdHost,
+    dave: Person,
+) -> None:
+    set_route(consul, "dave", f"alice@host-103:{host_103.port}")
+    unknown = ssh(bastion.port, "dave", dave.key, "hostname")
+    assert unknown.returncode == 255
+    assert b"no known host key for host-103" in unknown.stderr
+    # a wrong key published in the directory: mismatch, refused
+    consul.kv_put("host-keys/host-103", hosts["host-101"].host_pubkey)
+    time.sleep(0.2)
+    mismatch = ssh(bastion.port, "dave", dave.key, "hostname")
+    assert mismatch.returncode == 255
+    assert b"host key of host-103" in mismatch.stderr
+    assert b"does not match" in mismatch.stderr
+    # the right key: accepted
+    consul.kv_put("host-keys/host-103", host_103.host_pubkey)
+    time.sleep(0.2)
+    ok = ssh(bastion.port, "dave", dave.key, "hostname")
+    assert ok.stdout == b"host-103\n", ok.stderr
+    reasons = {r.get("reason") for r in bastion.audit_records() if r.get("user") == "dave"}
+    assert "host-key-mismatch" in reasons
+
+
+def test_alice_key_does_not_log_bob_in(bastion: BastionProcess, people: dict[str, Person]) -> None:
+    result = ssh(bastion.port, "bob", people["alice"].key, "hostname")
+    assert result.returncode == 255
+    assert result.stdout == b""
+    assert b"Permission denied" in result.stderr
+
+
+def askpass(tmp_path: Path, secret: str) -> dict[str, str]:
+    script = tmp_path / "askpass.sh"
+    script.write_text(f"#!/bin/sh\necho '{secret}'\n")
+    script.chmod(0o700)
+    return {
+        "SSH_ASKPASS": str(script),
+        "SSH_ASKPASS_REQUIRE": "force",
+        "DISPLAY": ":0",
+        "PATH": "/usr/bin:/bin",
+    }
+
+
+@pytest.mark.parametrize("method", ["password", "keyboard-interactive"])
+def test_password_passthrough(tmp_path: Path, bastion: BastionProcess, method: str) -> None:
+    def login(secret: str) -> subprocess.CompletedProcess[bytes]:
+        argv = [
+            "ssh",
+            "-F",
+            "/dev/null",
+            "-p",
+            str(bastion.port),
+            "-o",
+            "BatchMode=no",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            f"PreferredAuthentications={method}",
+            "-o",
+            "NumberOfPasswordPrompts=1",
+            "-o",
+            "PubkeyAuthentication=no",
+            "-o",
+            "LogLevel=ERROR",
+            "carol@127.0.0.1",
+            "hostname; id -un",
+        ]
+        return subprocess.run(
+            argv,
+            env=askpass(tmp_path, secret),
+            capture_output=True,
+            timeout=60,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
+
+    ok = login("carol-test-pass")
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout == b"host-102\ncarol\n"
+    wrong = login("not-her-password")
+    assert wrong.returncode == 255
+    assert b"Permission denied" in wrong.stderr
+    logged = bastion.log.read_text() + bastion.audit_file.read_text()
+    assert "carol-test-pass" not in logged and "not-her-password" not in logged
+
+
+@pytest.fixture(scope="module")
+def local_ca_bastion(
+    stack_dir: Path,
+    consul: ConsulAgent,
+    consul_tokens: ConsulTokens,
+    known_hosts: Path,
+    local_ca: Path,
+    directory_entries: None,
+) -> Iterator[BastionProcess]:
+    """A bastion with no Vault: it signs with a local CA key file."""
+    proc = BastionProcess(
+        stack_dir / "bastion-local-ca",
+        bastion_sections(consul_tokens, consul, known_hosts, ca_key=local_ca),
+    )
+    yield proc.start()
+    proc.stop()
+
+
+def test_local_ca_mode(local_ca_bastion: BastionProcess, people: dict[str, Person]) -> None:
+    result = ssh(local_ca_bastion.port, "alice", people["alice"].key, "hostname")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"host-102\n"
+
+
+def test_route_command_explains(bastion: BastionProcess, hosts: dict[str, SshdHost]) -> None:
+    result = subprocess.run(
+        [
+            devstack.bastion_bin(),
+            "--log-level",
+            "ERROR",
+            "route",
+            "alice",
+            "--config",
+            str(bastion.config),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "host-102" in result.stdout
+    assert hosts["host-102"].address in result.stdout
+
+
+def test_audit_record_of_a_refusal(
+    bastion: BastionProcess, consul: ConsulAgent, dave: Person
+) -> None:
+    consul.kv_delete("users/dave")
+    time.sleep(0.2)
+    result = ssh(bastion.port, "dave", dave.key, "true")
+    assert b"no route for dave" in result.stderr
+    record = bastion.wait_audit(lambda r: r.get("user") == "dave" and r.get("reason") == "no-route")
+    assert record["outcome"] == "error"
+    assert record["reason"] == "no-route"
+    assert record["source"].startswith("127.0.0.1:")
+    for key in ("duration_ms", "bytes_up", "bytes_down", "conn", "ts"):
+        assert key in record
+
+
+def test_secrets_never_reach_logs(
+    bastion: BastionProcess, consul_tokens: ConsulTokens, vault: VaultSetup
+) -> None:
+    secrets = [
+        consul_tokens.bastion,
+        consul_tokens.management,
+        consul_tokens.operator,
+        vault.secret_id_file.read_text().strip(),
+        vault.root_token,
+    ]
+    text = bastion.log.read_text() + bastion.audit_file.read_text()
+    for secret in secrets:
+        assert secret not in text
+
+
+# -- Consul going away and coming back -------------------------------------
+
+
+@pytest.fixture
+def own_consul(
+    tmp_path: Path, hosts: dict[str, SshdHost], people: dict[str, Person]
+) -> Iterator[tuple[ConsulAgent, Path]]:
+    """A Consul of this test's own, secured by the real bootstrap script."""
+    agent = ConsulAgent(tmp_path / "consul").start()
+    tokens = tmp_path / "tokens"
+    assert devstack.bootstrap_acl(agent, tokens).returncode == 0
+    agent.management_token = (tokens / "management.token").read_text().strip()
+    fill_directory(agent, hosts, people)
+    try:
+        yield agent, tokens
+    finally:
+        agent.stop()
+
+
+def fill_directory(
+    agent: ConsulAgent, hosts: dict[str, SshdHost], people: dict[str, Person]
+) -> None:
+    for name, host in hosts.items():
+        agent.register_node(name, host.address)
+    agent.kv_put("ssh-keys/alice", people["alice"].pubkey)
+    agent.kv_put("users/alice", route(hosts, "host-102"))
+
+
+def test_consul_outage_and_recovery(
+    tmp_path: Path,
+    own_consul: tuple[ConsulAgent, Path],
+    hosts: dict[str, SshdHost],
+    people: dict[str, Person],
+    known_hosts: Path,
+    local_ca: Path,
+) -> None:
+    agent, tokens = own_consul
+    stale_after = 4.0
+    sections = bastion_sections(
+        ConsulTokens("", "", "", tokens), agent, known_hosts, ca_key=local_ca
+    )
+    sections["consul"]["stale_after"] = stale_after
+    proc = BastionProcess(tmp_path / "bastion", sections).start()
+    alice = people["alice"]
+    try:
+        assert ssh(proc.port, "alice", alice.key, "hostname").stdout == b"host-102\n"
+        agent.stop()
+        stopped = time.monotonic()
+        # within the bound: the cached table keeps serving
+        cached = ssh(proc.port, "alice", alice.key, "hostname")
+        assert cached.stdout == b"host-102\n", cached.stderr
+        assert time.monotonic() - stopped < stale_after
+        # past the bound: refused with the reason
+        while time.monotonic() - stopped < stale_after + 1.5:
+            time.sleep(0.1)
+        # (the reason comes as an auth banner, which OpenSSH shows from LogLevel INFO)
+        stale = ssh(proc.port, "alice", alice.key, "hostname", extra=("-o", "LogLevel=INFO"))
+        assert stale.returncode == 255
+        assert b"directory" in stale.stderr and b"unavailable" in stale.stderr
+        # Consul back on the same address (a new cluster, secured the same way
+        # by the same script: tokens keep their secrets)
+        back = ConsulAgent(tmp_path / "consul-2", http_port=agent.http_port).start()
+        try:
+            (tokens / "management.token").unlink()
+            assert devstack.bootstrap_acl(back, tokens).returncode == 0
+            back.management_token = (tokens / "management.token").read_text().strip()
+            fill_directory(back, hosts, people)
+            deadline = time.monotonic() + 15
+            while True:
+                result = ssh(proc.port, "alice", alice.key, "hostname")
+                if result.stdout == b"host-102\n" or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            assert result.stdout == b"host-102\n", result.stderr
+        finally:
+            back.stop()
+        log = proc.log.read_text()
+        assert "WARNING" in log or "ERROR" in log  # the outage was logged loudly
+    finally:
+        proc.stop()
