@@ -7,6 +7,7 @@ away and coming back, and secrets never reaching logs.
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -373,3 +374,69 @@ def test_consul_outage_and_recovery(
         assert "WARNING" in log or "ERROR" in log  # the outage was logged loudly
     finally:
         proc.stop()
+
+
+# -- broken and slow clients, and where the Consul token comes from ---------
+
+
+@pytest.fixture(scope="module")
+def strict_bastion(
+    stack_dir: Path,
+    consul: ConsulAgent,
+    consul_tokens: ConsulTokens,
+    known_hosts: Path,
+    vault: VaultSetup,
+    bao: devstack.BaoServer,
+    directory_entries: None,
+) -> Iterator[BastionProcess]:
+    """Short grace time, few pre-auth slots, Consul token read from Vault KV v2."""
+    status, body = bao.api(
+        "POST", "/v1/secret/data/bastion/consul", body={"data": {"token": consul_tokens.bastion}}
+    )
+    assert status == 200, body
+    sections = bastion_sections(
+        consul_tokens, consul, known_hosts, vault, login_grace_time=2, max_unauthenticated=4
+    )
+    del sections["consul"]["token_file"]
+    sections["consul"]["token_vault_path"] = "secret/bastion/consul"
+    proc = BastionProcess(stack_dir / "bastion-strict", sections)
+    yield proc.start()
+    proc.stop()
+
+
+def test_consul_token_from_vault(strict_bastion: BastionProcess, people: dict[str, Person]) -> None:
+    result = ssh(strict_bastion.port, "alice", people["alice"].key, "hostname")
+    assert result.stdout == b"host-102\n", result.stderr
+
+
+def test_grace_time_and_preauth_bound(
+    strict_bastion: BastionProcess, people: dict[str, Person]
+) -> None:
+    port = strict_bastion.port
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(4)]
+    try:
+        for sock in idle:
+            assert sock.recv(64).startswith(b"SSH-2.0-")
+        # a fifth unauthenticated connection is dropped at once...
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as extra:
+            extra.settimeout(5)
+            data = b""
+            while chunk := extra.recv(4096):
+                data += chunk
+        assert "4 unauthenticated connections already" in strict_bastion.log.read_text()
+        # ...and a broken
+        # client sending garbage is cut off without hurting anyone
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as junk:
+            junk.sendall(b"GET / HTTP/1.1\r\n\r\n" * 10)
+        # the idle ones are disconnected after the login grace time
+        started = time.monotonic()
+        for sock in idle:
+            sock.settimeout(10)
+            while sock.recv(4096):
+                pass
+        assert time.monotonic() - started < 8
+    finally:
+        for sock in idle:
+            sock.close()
+    result = ssh(port, "alice", people["alice"].key, "hostname")
+    assert result.stdout == b"host-102\n", result.stderr
