@@ -26,7 +26,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import asyncssh
 from asyncssh import EXTENDED_DATA_STDERR
@@ -71,6 +71,7 @@ class _Endpoint(Protocol):
     def pause_reading(self) -> None: ...
     def resume_reading(self) -> None: ...
     def close(self) -> None: ...
+    def is_closing(self) -> bool: ...
 
 
 OpenUpstream = Callable[[], Awaitable[asyncssh.SSHClientConnection]]
@@ -337,11 +338,12 @@ class _UpstreamSession(asyncssh.SSHClientSession[bytes]):
 
 
 class TunnelRelay(asyncssh.SSHTCPSession[bytes]):
-    """A ``direct-tcpip`` channel from the person, relayed to a stream.
+    """A TCP channel from the person, relayed to a stream.
 
-    The far side is attached with :meth:`attach` once it is connected; until
-    then (and until the channel is open) data from either side is held and
-    that side's reading is paused.
+    The far side is attached with :meth:`attach` once it is connected; data
+    it sends before the person's channel is open is held and its reading
+    paused. Nothing is written to a side that is already closing: asyncssh
+    would raise and tear down the whole SSH connection.
     """
 
     def __init__(self, stats: RelayStats, on_end: Callable[[RelayStats], None]) -> None:
@@ -350,7 +352,6 @@ class TunnelRelay(asyncssh.SSHTCPSession[bytes]):
         self._chan: asyncssh.SSHTCPChannel[bytes] | None = None
         self._far: _Endpoint | None = None
         self._held_down: list[bytes] = []
-        self._held_up: list[bytes] = []
         self._far_eof = False
         self._done = False
 
@@ -376,14 +377,13 @@ class TunnelRelay(asyncssh.SSHTCPSession[bytes]):
             self._far.resume_reading()
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
-        self.stats.bytes_up += len(data)
-        if self._far is not None:
-            self._far.write(data)
-        else:
-            self._held_up.append(data)
+        far = self._far
+        if far is not None and not far.is_closing():
+            self.stats.bytes_up += len(data)
+            far.write(data)
 
     def eof_received(self) -> bool:
-        if self._far is not None:
+        if self._far is not None and not self._far.is_closing():
             self._far.write_eof()
         return True
 
@@ -403,15 +403,17 @@ class TunnelRelay(asyncssh.SSHTCPSession[bytes]):
     # -- far side (called by the far protocol) -------------------------------
 
     def far_data(self, data: bytes) -> None:
-        self.stats.bytes_down += len(data)
-        if self._chan is not None:
-            self._chan.write(data)
-        else:
+        chan = self._chan
+        if chan is None:
+            self.stats.bytes_down += len(data)
             self._held_down.append(data)
+        elif not chan.is_closing():
+            self.stats.bytes_down += len(data)
+            chan.write(data)
 
     def far_eof(self) -> None:
         self._far_eof = True
-        if self._chan is not None:
+        if self._chan is not None and not self._chan.is_closing():
             self._chan.write_eof()
 
     def far_pause(self, pause: bool) -> None:
@@ -434,22 +436,15 @@ class TunnelRelay(asyncssh.SSHTCPSession[bytes]):
             self._on_end(self.stats)
 
 
-class _TcpFar(asyncio.Protocol):
-    """A TCP connection made by the bastion, as the far side of a TunnelRelay."""
+class _FarEvents:
+    """Far-side callbacks shared by TCP and SSH-channel far sides."""
 
     def __init__(self, relay: TunnelRelay) -> None:
         self._relay = relay
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._relay.attach(transport)
-
-    def data_received(self, data: bytes) -> None:
-        self._relay.far_data(data)
-
     def eof_received(self) -> bool:
         self._relay.far_eof()
-        return True
+        return True  # half-close: the person may still send
 
     def pause_writing(self) -> None:
         self._relay.far_pause(True)
@@ -461,31 +456,26 @@ class _TcpFar(asyncio.Protocol):
         self._relay.far_closed()
 
 
-class ChannelFar(asyncssh.SSHTCPSession[bytes]):
-    """An SSH TCP channel (upstream ``direct-tcpip``, or ``forwarded-tcpip`` back to
-    the person for ``-R``) as the far side of a TunnelRelay."""
+class _TcpFar(_FarEvents, asyncio.Protocol):
+    """A TCP connection made by the bastion, as the far side of a TunnelRelay."""
 
-    def __init__(self, relay: TunnelRelay) -> None:
-        self._relay = relay
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # a cast, not isinstance(asyncio.Transport): uvloop's transports are not subclasses
+        self._relay.attach(cast(_Endpoint, transport))
+
+    def data_received(self, data: bytes) -> None:
+        self._relay.far_data(data)
+
+
+class ChannelFar(_FarEvents, asyncssh.SSHTCPSession[bytes]):
+    """An SSH TCP channel (upstream ``direct-tcpip``, or ``forwarded-tcpip`` back
+    to the person for ``-R``) as the far side of a TunnelRelay."""
 
     def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
         self._relay.attach(chan)
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         self._relay.far_data(data)
-
-    def eof_received(self) -> bool:
-        self._relay.far_eof()
-        return True
-
-    def pause_writing(self) -> None:
-        self._relay.far_pause(True)
-
-    def resume_writing(self) -> None:
-        self._relay.far_pause(False)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._relay.far_closed()
 
 
 async def open_tcp_tunnel(relay: TunnelRelay, host: str, port: int, timeout: float) -> TunnelRelay:

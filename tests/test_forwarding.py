@@ -85,7 +85,7 @@ def policy(consul: ConsulAgent, hosts: dict[str, SshdHost]) -> Iterator[dict[str
 
 def put_entry(consul: ConsulAgent, user: str, value: object) -> None:
     consul.kv_put(f"users/{user}", value if isinstance(value, str) else json.dumps(value))
-    time.sleep(0.2)  # a put is in force within milliseconds; leave a margin
+    time.sleep(1.0)  # in force within milliseconds; a wide margin for a loaded CI
 
 
 def run(argv: list[str], **kw: object) -> subprocess.CompletedProcess[bytes]:
