@@ -387,15 +387,23 @@ def strict_bastion(
     known_hosts: Path,
     vault: VaultSetup,
     bao: devstack.BaoServer,
+    local_ca: Path,
     directory_entries: None,
 ) -> Iterator[BastionProcess]:
-    """Short grace time, few pre-auth slots, Consul token read from Vault KV v2."""
+    """Short grace time, few pre-auth slots, Consul token read from Vault KV v2,
+    and people's own certificates from a trusted user CA."""
     status, body = bao.api(
         "POST", "/v1/secret/data/bastion/consul", body={"data": {"token": consul_tokens.bastion}}
     )
     assert status == 200, body
     sections = bastion_sections(
-        consul_tokens, consul, known_hosts, vault, login_grace_time=2, max_unauthenticated=4
+        consul_tokens,
+        consul,
+        known_hosts,
+        vault,
+        login_grace_time=2,
+        max_unauthenticated=4,
+        user_ca_keys=str(local_ca.with_suffix(".pub")),
     )
     del sections["consul"]["token_file"]
     sections["consul"]["token_vault_path"] = "secret/bastion/consul"
@@ -440,3 +448,36 @@ def test_grace_time_and_preauth_bound(
             sock.close()
     result = ssh(port, "alice", people["alice"].key, "hostname")
     assert result.stdout == b"host-102\n", result.stderr
+
+
+def test_user_certificate_from_trusted_ca(
+    tmp_path: Path, strict_bastion: BastionProcess, local_ca: Path
+) -> None:
+    # a key the directory has never seen, certified by the trusted CA for alice
+    key = devstack.keygen(tmp_path / "id_cert", comment="alice laptop")
+    devstack.sign_user_key(local_ca, key.with_suffix(".pub"), ["alice"], "alice-cert")
+    ok = ssh(strict_bastion.port, "alice", key, "hostname")
+    assert ok.stdout == b"host-102\n", ok.stderr
+    # the certificate names alice, not bob
+    assert ssh(strict_bastion.port, "bob", key, "hostname").returncode == 255
+
+
+def test_never_loaded_directory_refuses_with_reason(
+    tmp_path: Path,
+    people: dict[str, Person],
+    known_hosts: Path,
+    local_ca: Path,
+    consul_tokens: ConsulTokens,
+) -> None:
+    nowhere = ConsulAgent(tmp_path / "none", http_port=devstack.free_port())  # never started
+    sections = bastion_sections(consul_tokens, nowhere, known_hosts, ca_key=local_ca)
+    sections["consul"]["request_timeout"] = 1
+    proc = BastionProcess(tmp_path / "bastion", sections).start()
+    try:
+        result = ssh(
+            proc.port, "alice", people["alice"].key, "hostname", extra=("-o", "LogLevel=INFO")
+        )
+        assert result.returncode == 255
+        assert b"no routing table loaded yet" in result.stderr, result.stderr
+    finally:
+        proc.stop()
