@@ -20,6 +20,7 @@ from bastion.errors import BastionError, ConfigError
 from bastion.metrics import Metrics
 from bastion.routing import ConsulDirectory
 from bastion.server import BastionServer, ServerContext
+from bastion.tuning import apply as apply_tuning
 from bastion.upstream import HostKeyPolicy, UpstreamConnector
 
 log = logging.getLogger("bastion")
@@ -64,6 +65,7 @@ class Application:
         self.metrics = Metrics()
 
     async def start(self) -> None:
+        apply_tuning()  # asyncssh speed-ups, version-guarded (bastion/tuning.py)
         s = self.settings
         if s.vault.enabled:
             self.vault = VaultClient(s.vault)

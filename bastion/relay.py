@@ -32,6 +32,7 @@ import asyncssh
 from asyncssh import EXTENDED_DATA_STDERR
 
 from bastion.errors import BastionError
+from bastion.tuning import QUICKACK_BELOW, quickack
 
 log = logging.getLogger("bastion.relay")
 
@@ -459,11 +460,17 @@ class _FarEvents:
 class _TcpFar(_FarEvents, asyncio.Protocol):
     """A TCP connection made by the bastion, as the far side of a TunnelRelay."""
 
+    _transport: asyncio.BaseTransport | None = None
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
         # a cast, not isinstance(asyncio.Transport): uvloop's transports are not subclasses
         self._relay.attach(cast(_Endpoint, transport))
 
     def data_received(self, data: bytes) -> None:
+        if len(data) < QUICKACK_BELOW:
+            # the host's sshd keeps Nagle on: ACK its small packets at once
+            quickack(self._transport)
         self._relay.far_data(data)
 
 

@@ -8,9 +8,9 @@ cd "$ROOT"
 
 bash scripts/setup.sh
 echo "[test] ruff check"
-.venv/bin/ruff check bastion tests
+.venv/bin/ruff check bastion tests bench
 echo "[test] ruff format --check"
-.venv/bin/ruff format --check bastion tests
+.venv/bin/ruff format --check bastion tests bench
 echo "[test] mypy (strict, bastion/)"
 .venv/bin/mypy
 echo "[test] shellcheck"

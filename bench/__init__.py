@@ -1,0 +1,1 @@
+"""Benchmarks of the bastion against OpenSSH on one machine (``python -m bench.run``)."""

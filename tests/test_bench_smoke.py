@@ -1,0 +1,83 @@
+"""``python -m bench.run --quick`` runs end to end on the real stack and writes
+every section of the results; numbers are checked for presence and sign only
+(timing depends on the machine, so nothing here asserts a speed)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PATHS = ("openssh_direct", "openssh_jump", "bastion", "bastion_jump")
+
+
+def positive(value: Any, where: str) -> None:
+    assert isinstance(value, int | float) and not isinstance(value, bool), where
+    assert value > 0, f"{where} = {value}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_quick_bench_writes_every_section(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=230,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((tmp_path / "quick.json").read_text())
+    assert "errors" not in results, results["errors"]
+    assert (tmp_path / "quick.md").read_text().startswith("# Bastion benchmark")
+
+    tp = results["throughput"]
+    for cipher in ("aes128-gcm", "default"):
+        for direction in ("download", "upload", "both"):
+            for path in PATHS:
+                e = tp[cipher][direction][path]
+                positive(e["mb_s"]["median"], f"throughput {cipher} {direction} {path}")
+                positive(e["vs_openssh_jump"], f"ratio {cipher} {direction} {path}")
+
+    login = results["login"]
+    for path in PATHS:
+        positive(login["paths"][path]["p50_ms"], f"login p50 {path}")
+        positive(login["paths"][path]["p95_ms"], f"login p95 {path}")
+    for path in ("bastion", "bastion_jump"):
+        # CPU is read in clock ticks (10 ms): a few fast logins may round to 0
+        assert login["bastion_cpu_ms_per_login"][path] >= 0
+
+    prop = results["route_propagation"]
+    positive(prop["in_force_ms"]["p50"], "propagation p50")
+    positive(prop["in_force_ms"]["p99"], "propagation p99")
+    positive(prop["first_login_ms"]["p50"], "first login p50")
+    positive(prop["logins_confirmed"], "logins confirmed")
+
+    conc = results["concurrency"]
+    idle = conc["idle"]["bastion"]
+    assert idle["sessions"] == results["meta"]["plan"]["idle_sessions"]
+    positive(idle["rss_mb"], "idle RSS")
+    positive(conc["idle"]["openssh_jump"]["pss_mb"], "jump host PSS")
+    for path in PATHS:
+        positive(conc["login_rate"][path]["logins_per_s"], f"logins/s {path}")
+        assert conc["login_rate"][path]["failed"] == 0
+
+    sig = results["signing"]
+    for signer in ("vault", "local_ca"):
+        positive(sig[signer]["wall_ms"]["p50"], f"signing {signer}")
+        positive(sig["login"][signer]["p50_ms"], f"login via {signer}")
+
+    cpu = results["cpu_per_gb"]
+    for cipher in ("aes128-gcm", "default"):
+        for direction in ("download", "upload", "both"):
+            for path in ("bastion", "bastion_jump"):
+                assert cpu[cipher][direction][path]["cpu_s_per_gb"]["median"] >= 0
+
+    names = [t["target"] for t in results["targets"]]
+    assert len(names) == 18 and all(t["value"] is not None for t in results["targets"])

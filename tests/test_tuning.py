@@ -1,0 +1,225 @@
+"""The asyncssh speed-ups (bastion/tuning.py): still valid for the installed
+asyncssh, doing what they claim, and a real relayed session works with them.
+
+If asyncssh is upgraded and the functions the patches replace change, the
+first test fails: re-read the changed functions, re-check the patches, then
+update ``FINGERPRINTS`` (``tuning.fingerprint(...)`` prints the new values).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import inspect
+import logging
+import os
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+import asyncssh
+import pytest
+from asyncssh.connection import SSHConnection
+from asyncssh.constants import MSG_IGNORE
+from asyncssh.encryption import get_encryption
+from asyncssh.packet import SSHPacketLogger
+from conftest import Person
+
+from bastion import tuning
+from bastion.devstack import BastionProcess, ssh_command
+
+
+@pytest.fixture
+def tuned() -> Iterator[None]:
+    tuning.revert()
+    assert tuning.apply()
+    try:
+        yield
+    finally:
+        tuning.revert()
+
+
+def test_installed_asyncssh_is_the_verified_one() -> None:
+    assert tuning.mismatches() == [], (
+        "asyncssh changed under bastion/tuning.py: re-verify the patches, then "
+        "update VERIFIED_VERSIONS/FINGERPRINTS"
+    )
+
+
+def test_patched_functions_have_the_expected_signatures() -> None:
+    names = {
+        "send_packet": ["self", "pkttype", "args", "handler"],
+        "data_received": ["self", "data", "datatype"],
+        "_send": ["self", "data"],
+    }
+    for attr, params in names.items():
+        assert list(inspect.signature(getattr(SSHConnection, attr)).parameters) == params
+    for attr in ("log_sent_packet", "log_received_packet"):
+        sig = inspect.signature(getattr(SSHPacketLogger, attr))
+        assert list(sig.parameters) == ["self", "pkttype", "pktid", "packet", "note"]
+    # the empty IGNORE the patch recognises is asyncssh's String(b'')
+    assert asyncssh.packet.String(b"") == b"\x00\x00\x00\x00"
+
+
+def test_apply_revert_and_unknown_features() -> None:
+    tuning.revert()
+    original = SSHConnection.send_packet
+    try:
+        assert tuning.apply(["skip_ignore"])
+        assert tuning.applied() == frozenset({"skip_ignore"})
+        assert SSHConnection.send_packet is not original
+        assert tuning.apply(["skip_ignore"])  # idempotent
+    finally:
+        tuning.revert()
+    assert SSHConnection.send_packet is original
+    assert tuning.applied() == frozenset()
+    with pytest.raises(ValueError, match="unknown"):
+        tuning.apply(["turbo"])
+
+
+def test_unverified_version_is_a_no_op_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    tuning.revert()
+    original = SSHConnection.send_packet
+    monkeypatch.setattr(asyncssh, "__version__", "9.0.0")
+    with caplog.at_level(logging.WARNING, logger="bastion.tuning"):
+        assert not tuning.apply()
+    assert SSHConnection.send_packet is original
+    assert tuning.applied() == frozenset()
+    assert "not applied" in caplog.text and "9.0.0" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("alg", "redundant"),
+    [
+        (b"aes128-gcm@openssh.com", True),
+        (b"aes256-gcm@openssh.com", True),
+        (b"chacha20-poly1305@openssh.com", True),
+        (b"aes128-ctr", True),
+        (b"aes256-ctr", True),
+        (b"aes128-cbc", False),
+        (b"aes256-cbc", False),
+        (b"3des-cbc", False),
+    ],
+)
+def test_ignore_is_redundant_only_without_iv_chaining(alg: bytes, redundant: bool) -> None:
+    from asyncssh.encryption import get_encryption_params
+
+    keysize, ivsize, _, mac_keysize, _, etm = get_encryption_params(alg, b"hmac-sha2-256")
+    enc = get_encryption(
+        alg, os.urandom(keysize), os.urandom(ivsize), b"hmac-sha2-256", os.urandom(mac_keysize), etm
+    )
+    assert tuning.ignore_is_redundant(enc) is redundant
+    assert tuning.ignore_is_redundant(None) is False
+
+
+# -- in-process: an asyncssh server and client with the patches on -----------
+
+
+async def _echo_roundtrip(alg: str, payload: bytes) -> tuple[bytes, int]:
+    """Echo ``payload`` over one session with cipher ``alg``; (echo, IGNOREs seen)."""
+    seen = {"ignore": 0}
+    handlers: dict[int, Any] = SSHConnection._packet_handlers  # type: ignore[attr-defined]
+    process_ignore = handlers[MSG_IGNORE]
+
+    def counting(self: SSHConnection, *args: Any) -> Any:
+        seen["ignore"] += 1
+        return process_ignore(self, *args)
+
+    handlers[MSG_IGNORE] = counting
+    host_key = asyncssh.generate_private_key("ssh-ed25519")
+    client_key = asyncssh.generate_private_key("ssh-ed25519")
+
+    async def echo(process: asyncssh.SSHServerProcess[bytes]) -> None:
+        data = await process.stdin.read()
+        process.stdout.write(data)
+        process.exit(0)
+
+    class Server(asyncssh.SSHServer):
+        def begin_auth(self, username: str) -> bool:
+            return True
+
+        def public_key_auth_supported(self) -> bool:
+            return True
+
+        def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+            return True
+
+    try:
+        server = await asyncssh.create_server(
+            Server,
+            "127.0.0.1",
+            0,
+            server_host_keys=[host_key],
+            process_factory=echo,
+            encoding=None,
+            encryption_algs=[alg],
+            config=None,
+        )
+        port = server.sockets[0].getsockname()[1]
+        async with asyncssh.connect(
+            "127.0.0.1",
+            port,
+            username="x",
+            client_keys=[client_key],
+            known_hosts=None,
+            config=None,
+            agent_path=None,
+            encryption_algs=[alg],
+        ) as conn:
+            result = await conn.run(input=payload, encoding=None, check=True)
+        server.close()
+        await server.wait_closed()
+    finally:
+        handlers[MSG_IGNORE] = process_ignore
+    assert isinstance(result.stdout, bytes)
+    return result.stdout, seen["ignore"]
+
+
+@pytest.mark.parametrize(
+    ("alg", "expect_ignores"),
+    [
+        ("aes128-gcm@openssh.com", False),
+        ("chacha20-poly1305@openssh.com", False),
+        ("aes128-ctr", False),
+        ("aes128-cbc", True),
+    ],
+)
+def test_ignores_dropped_only_where_safe_and_data_intact(
+    tuned: None, alg: str, expect_ignores: bool
+) -> None:
+    payload = os.urandom(3 * 1024 * 1024 + 17)
+    echoed, ignores = asyncio.run(_echo_roundtrip(alg, payload))
+    assert hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest()
+    assert (ignores > 0) is expect_ignores, ignores
+
+
+def test_untuned_asyncssh_sends_the_ignores_the_patch_removes() -> None:
+    # the premise of skip_ignore, checked on the installed asyncssh
+    tuning.revert()
+    echoed, ignores = asyncio.run(_echo_roundtrip("aes128-gcm@openssh.com", b"x" * 100_000))
+    assert echoed == b"x" * 100_000
+    assert ignores > 0
+
+
+# -- the real bastion (tuning applied at start) -----------------------------
+
+
+def test_real_relayed_session_with_tuning(
+    bastion: BastionProcess, people: dict[str, Person]
+) -> None:
+    payload = os.urandom(8 * 1024 * 1024)
+    argv = ssh_command(
+        port=bastion.port,
+        user="alice",
+        identity=people["alice"].key,
+        extra=["-o", "Ciphers=aes128-gcm@openssh.com"],
+        command=["cat"],
+    )
+    result = subprocess.run(argv, input=payload, capture_output=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert hashlib.sha256(result.stdout).digest() == hashlib.sha256(payload).digest()
+    log = bastion.log.read_text()
+    assert "speed-ups applied" in log, log[-2000:]
+    assert "speed-ups not applied" not in log
