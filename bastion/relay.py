@@ -354,6 +354,7 @@ class TunnelRelay(asyncssh.SSHTCPSession[bytes]):
         self._far: _Endpoint | None = None
         self._held_down: list[bytes] = []
         self._far_eof = False
+        self._person_eof = False
         self._done = False
 
     def attach(self, far: _Endpoint) -> None:
@@ -384,8 +385,10 @@ class TunnelRelay(asyncssh.SSHTCPSession[bytes]):
             far.write(data)
 
     def eof_received(self) -> bool:
+        self._person_eof = True
         if self._far is not None and not self._far.is_closing():
             self._far.write_eof()
+        self._close_if_both_ended()
         return True
 
     def pause_writing(self) -> None:
@@ -416,6 +419,15 @@ class TunnelRelay(asyncssh.SSHTCPSession[bytes]):
         self._far_eof = True
         if self._chan is not None and not self._chan.is_closing():
             self._chan.write_eof()
+        self._close_if_both_ended()
+
+    def _close_if_both_ended(self) -> None:
+        # EOF both ways: close, as sshd does. `ssh -W` waits for the server's
+        # CLOSE, and a half-closed TCP far side never reports connection_lost.
+        if self._person_eof and self._far_eof and self._chan is not None:
+            self._chan.close()
+            if self._far is not None:
+                self._far.close()
 
     def far_pause(self, pause: bool) -> None:
         if self._chan is None:

@@ -56,20 +56,21 @@ async def _open(
     try:
         if args.jump:
             jhost, _, jport = args.jump.rpartition(":")
-            jconn = await asyncssh.connect(jhost, int(jport), **common)  # type: ignore[arg-type]
+            jconn = await asyncssh.connect(jhost, int(jport), **common)
             held.append(jconn)
             conn = await asyncssh.connect(
                 args.host,
                 args.port,
                 tunnel=jconn,
-                **common,  # type: ignore[arg-type]
+                **common,
             )
         else:
-            conn = await asyncssh.connect(args.host, args.port, **common)  # type: ignore[arg-type]
+            conn = await asyncssh.connect(args.host, args.port, **common)
         held.append(conn)
         _chan, session = await conn.create_session(
             _Shell, term_type="xterm", term_size=(80, 24), encoding=None
         )
+        assert isinstance(session, _Shell)
         await asyncio.wait_for(session.prompt, 60)
     except BaseException:
         for c in held:

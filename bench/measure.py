@@ -151,17 +151,14 @@ def run_ssh(
     return elapsed
 
 
-def _reap_group(pgid: int, grace: float = 2.0) -> None:
-    """The ProxyJump child (ssh -W) may outlive ssh briefly: never leave one behind."""
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.01)
+def _reap_group(pgid: int) -> None:
+    """End what is left of an ssh's process group once ssh has exited.
+
+    ssh itself ends its ProxyJump child (``ssh -W``) with SIGHUP on exit; where
+    SIGHUP is ignored (nohup) the child would linger, so do what ssh meant to.
+    """
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGKILL)
+        os.killpg(pgid, signal.SIGTERM)
 
 
 def wait_for_lines(path: Path, count: int, timeout: float = 5.0) -> list[str]:

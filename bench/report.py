@@ -115,6 +115,11 @@ def markdown(results: dict[str, Any]) -> str:
             w(f"- {section}: {err}")
         w("")
 
+    if results.get("failures"):
+        w(f"**Single runs that failed ({len(results['failures'])}; left out of the figures):**")
+        for f in results["failures"][:20]:
+            w(f"- {f['section']} {f['run']}: {f['error']}")
+        w("")
     w("## Targets (issue 6)")
     w("")
     w("| target | goal | measured | met |")

@@ -89,6 +89,15 @@ class Plan:
         return cls(True, 8 * MiB, 8 * MiB, 4 * MiB, 1, 3, 2.0, 16, 20, 5, 5, 2, 5, 3)
 
 
+# single runs that failed (a section goes on without their sample)
+FAILURES: list[dict[str, str]] = []
+
+
+def _failed(section: str, what: str, exc: Exception) -> None:
+    FAILURES.append({"section": section, "run": what, "error": str(exc)[:300]})
+    print(f"[bench]   FAILED {section} {what}: {exc}", flush=True)
+
+
 def _rotate(items: tuple[str, ...], n: int) -> list[str]:
     k = n % len(items)
     return [*items[k:], *items[:k]]
@@ -105,10 +114,10 @@ def _bastion_pid(stack: BenchStack) -> int:
 
 def _transfer(argv: list[str], direction: str, size: int) -> float:
     if direction == "download":
-        return run_ssh([*argv, f"head -c {size} /dev/zero"])
+        return run_ssh([*argv, f"head -c {size} /dev/zero"], timeout=180)
     if direction == "upload":
-        return run_ssh([*argv, "cat > /dev/null"], stdin_bytes=size)
-    return run_ssh([*argv, "cat"], stdin_bytes=size)
+        return run_ssh([*argv, "cat > /dev/null"], stdin_bytes=size, timeout=180)
+    return run_ssh([*argv, "cat"], stdin_bytes=size, timeout=180)
 
 
 def _expected_bytes(direction: str, size: int) -> tuple[int, int]:
@@ -154,7 +163,11 @@ def throughput(stack: BenchStack, plan: Plan) -> tuple[dict[str, Any], dict[str,
                 for path in _rotate(PATHS, rep):
                     audit_lines = len(wait_for_lines(stack.bastion.audit_file, 0, 0))
                     c0 = cpu_seconds(pid)
-                    seconds = _transfer(paths[path], direction, size)
+                    try:
+                        seconds = _transfer(paths[path], direction, size)
+                    except BenchError as exc:
+                        _failed("throughput", f"{cipher} {direction} {path}", exc)
+                        continue
                     c1 = cpu_seconds(pid)
                     rates[path].append(size / seconds / MB)
                     if path in BASTION_PATHS:
@@ -199,11 +212,18 @@ def logins(stack: BenchStack, plan: Plan) -> dict[str, Any]:
     times: dict[str, list[float]] = {p: [] for p in PATHS}
     cpu: dict[str, list[float]] = {p: [] for p in BASTION_PATHS}
     for path in PATHS:  # warm-up: page cache, Vault token, connection pools
-        run_ssh([*paths[path], "true"])
+        try:
+            run_ssh([*paths[path], "true"], timeout=30)
+        except BenchError as exc:
+            _failed("login", f"warm-up {path}", exc)
     for rep in range(plan.logins):
         for path in _rotate(PATHS, rep):
             c0 = cpu_seconds(pid)
-            times[path].append(run_ssh([*paths[path], "true"]) * 1000)
+            try:
+                times[path].append(run_ssh([*paths[path], "true"], timeout=30) * 1000)
+            except BenchError as exc:
+                _failed("login", path, exc)
+                continue
             if path in BASTION_PATHS:
                 cpu[path].append((cpu_seconds(pid) - c0) * 1000)
     jump_p50 = percentile(times["openssh_jump"], 50)
@@ -474,12 +494,19 @@ SECTIONS = (
 
 
 def _stop_on_sigterm() -> None:
-    """SIGTERM unwinds like Ctrl-C, so the stack is stopped on the way out."""
+    """SIGTERM unwinds like Ctrl-C, so the stack is stopped on the way out.
+
+    SIGHUP gets a handler that does nothing: the bench still survives a hang-up
+    as under nohup, but its children start with the default disposition (an
+    ignored signal would be inherited) and the ssh clients behave as from a
+    terminal: ssh ends its ProxyJump child with SIGHUP.
+    """
 
     def handler(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGHUP, lambda signum, frame: None)
 
 
 def run(plan: Plan, out_dir: Path, name: str, sections: tuple[str, ...], keep: bool) -> int:
@@ -554,6 +581,8 @@ def run(plan: Plan, out_dir: Path, name: str, sections: tuple[str, ...], keep: b
     loads["end"] = [round(x, 2) for x in os.getloadavg()]
     results["meta"]["loadavg_before_section"] = loads
     results["meta"]["total_seconds"] = round(time.monotonic() - started, 1)
+    if FAILURES:
+        results["failures"] = list(FAILURES)
     results["targets"] = report.targets(results)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -35,6 +35,7 @@ def test_quick_bench_writes_every_section(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((tmp_path / "quick.json").read_text())
     assert "errors" not in results, results["errors"]
+    assert "failures" not in results, results["failures"]
     assert (tmp_path / "quick.md").read_text().startswith("# Bastion benchmark")
 
     tp = results["throughput"]
