@@ -89,18 +89,22 @@ class KeyDirectory:
 
 
 def _import_lines(lines: list[str], username: str) -> asyncssh.SSHAuthorizedKeys | None:
+    """Parse the lines once; only when that fails, find and drop the bad ones
+    (one bad line must not lock the person out of their other keys)."""
+    wanted = [ln.strip() for ln in lines]
+    wanted = [ln for ln in wanted if ln and not ln.startswith("#")]
+    if not wanted:
+        return None
+    try:
+        return asyncssh.import_authorized_keys("\n".join(wanted) + "\n")
+    except (asyncssh.KeyImportError, ValueError):
+        pass
     good: list[str] = []
-    for line in lines:
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
+    for line in wanted:
         try:
             asyncssh.import_authorized_keys(line)
         except (asyncssh.KeyImportError, ValueError):
-            # one bad line must not lock the person out of their other keys
             log.warning("ignoring an unparsable authorized key line for %s", username)
             continue
         good.append(line)
-    if not good:
-        return None
-    return asyncssh.import_authorized_keys("\n".join(good) + "\n")
+    return asyncssh.import_authorized_keys("\n".join(good) + "\n") if good else None

@@ -44,20 +44,13 @@ def run_demo(workdir: Path | None, port: int) -> int:
         consul = ConsulAgent(base / "consul")
         parts.append(consul.start())
         tokens = base / "consul-tokens"
-        result = devstack.bootstrap_acl(consul, tokens)
-        print(result.stdout, end="")
-        if result.returncode:
-            raise devstack.StackError(result.stderr)
-        consul.management_token = (tokens / "management.token").read_text().strip()
+        print(devstack.secure_consul(consul, tokens), end="")
 
         step("starting OpenBao and its SSH CA")
         bao = BaoServer(base / "bao")
         parts.append(bao.start())
         vault_out = base / "vault-out"
-        result = devstack.bootstrap_vault(bao, vault_out)
-        print(result.stdout, end="")
-        if result.returncode:
-            raise devstack.StackError(result.stderr)
+        print(devstack.setup_vault(bao, vault_out), end="")
 
         step("starting host-101 and host-102 (OpenSSH, trusting the Vault CA)")
         hosts = {}

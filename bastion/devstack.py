@@ -416,6 +416,24 @@ def bootstrap_vault(bao: BaoServer, out_dir: Path, *extra: str) -> subprocess.Co
     )
 
 
+def secure_consul(agent: ConsulAgent, tokens: Path) -> str:
+    """Secure a started ``agent`` with ``deploy/bootstrap-acl.sh``, keep its
+    management token, and return what the script printed."""
+    result = bootstrap_acl(agent, tokens)
+    if result.returncode != 0:
+        raise StackError(f"bootstrap-acl.sh failed:\n{result.stdout}{result.stderr}")
+    agent.management_token = (tokens / "management.token").read_text().strip()
+    return result.stdout
+
+
+def setup_vault(bao: BaoServer, out: Path) -> str:
+    """Set up the SSH CA and AppRole with ``deploy/bootstrap-vault.sh``."""
+    result = bootstrap_vault(bao, out)
+    if result.returncode != 0:
+        raise StackError(f"bootstrap-vault.sh failed:\n{result.stdout}{result.stderr}")
+    return result.stdout
+
+
 # --------------------------------------------------------------------------
 # OpenSSH hosts
 

@@ -20,7 +20,6 @@ import asyncssh
 from bastion.config import UpstreamSettings
 from bastion.credentials import CertificateSigner
 from bastion.errors import (
-    BastionError,
     ConfigError,
     HostKeyMismatch,
     HostUnreachable,
@@ -218,12 +217,3 @@ def _tune_socket(conn: asyncssh.SSHClientConnection) -> None:
     if isinstance(sock, socket.socket):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def describe_error(exc: BaseException) -> BastionError:
-    """Any failure on the way upstream, as a BastionError (unexpected ones kept generic)."""
-    if isinstance(exc, BastionError):
-        return exc
-    return UpstreamError(
-        "internal error while connecting upstream", detail=f"{type(exc).__name__}: {exc}"
-    )

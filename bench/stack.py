@@ -110,18 +110,13 @@ class BenchStack:
         consul = ConsulAgent(self.base / "consul")
         self.parts.append(consul)
         consul.start()
-        result = devstack.bootstrap_acl(consul, self.tokens)
-        if result.returncode:
-            raise devstack.StackError(f"bootstrap-acl.sh failed:\n{result.stdout}{result.stderr}")
-        consul.management_token = (self.tokens / "management.token").read_text().strip()
+        devstack.secure_consul(consul, self.tokens)
         self.consul = consul
 
         bao = BaoServer(self.base / "bao")
         self.parts.append(bao)
         bao.start()
-        result = devstack.bootstrap_vault(bao, self.vault_out)
-        if result.returncode:
-            raise devstack.StackError(f"bootstrap-vault.sh failed:\n{result.stdout}{result.stderr}")
+        devstack.setup_vault(bao, self.vault_out)
         self.bao = bao
 
         devstack.keygen(self.ca_key, comment="bench user CA")

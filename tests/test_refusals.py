@@ -304,8 +304,7 @@ def own_consul(
     """A Consul of this test's own, secured by the real bootstrap script."""
     agent = ConsulAgent(tmp_path / "consul").start()
     tokens = tmp_path / "tokens"
-    assert devstack.bootstrap_acl(agent, tokens).returncode == 0
-    agent.management_token = (tokens / "management.token").read_text().strip()
+    devstack.secure_consul(agent, tokens)
     fill_directory(agent, hosts, people)
     try:
         yield agent, tokens
@@ -358,8 +357,7 @@ def test_consul_outage_and_recovery(
         back = ConsulAgent(tmp_path / "consul-2", http_port=agent.http_port).start()
         try:
             (tokens / "management.token").unlink()
-            assert devstack.bootstrap_acl(back, tokens).returncode == 0
-            back.management_token = (tokens / "management.token").read_text().strip()
+            devstack.secure_consul(back, tokens)
             fill_directory(back, hosts, people)
             deadline = time.monotonic() + 15
             while True:
