@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 
 from bastion.audit import AuditLog
@@ -21,6 +22,7 @@ from bastion.metrics import Metrics
 from bastion.routing import ConsulDirectory
 from bastion.server import BastionServer, ServerContext
 from bastion.tuning import apply as apply_tuning
+from bastion.tuning import features_from_env as tuning_features
 from bastion.upstream import HostKeyPolicy, UpstreamConnector
 
 log = logging.getLogger("bastion")
@@ -65,7 +67,12 @@ class Application:
         self.metrics = Metrics()
 
     async def start(self) -> None:
-        apply_tuning()  # asyncssh speed-ups, version-guarded (bastion/tuning.py)
+        # asyncssh speed-ups, version-guarded (bastion/tuning.py)
+        try:
+            features = tuning_features(os.environ.get("BASTION_TUNING"))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        apply_tuning(features)
         s = self.settings
         if s.vault.enabled:
             self.vault = VaultClient(s.vault)

@@ -39,6 +39,35 @@ bench.run``; results in ``bench/results/latest.md``):
     on the transport they were produced for, before any close that asyncssh
     schedules afterwards (its ``_force_close`` aborts with ``call_soon`` too,
     so it runs after the flush).
+``exact_receive``
+    asyncssh appends every read (up to 256 KiB, several packets) to one
+    buffer and, after each packet it parses, copies the rest of the buffer
+    to drop the packet: the copying grows with the square of the packets per
+    read, and was 18 % of the relay's CPU. Reads are now handed to asyncssh
+    in exactly the pieces its parser waits for (the rest of the header
+    block, then the rest of the packet), so its buffer never holds more than
+    the packet being parsed. The parser, its checks and its error handling
+    are asyncssh's own; only the slicing moved. While asyncssh is in another
+    state (version exchange, a packet handled asynchronously) or after a
+    parse error or disconnect, the read goes to it whole, as before.
+``reuse_aead``
+    AES-GCM: asyncssh built a new ``AESGCM`` object, which sets up an OpenSSL
+    context for the key, for every packet; it is now built once per key. The
+    nonce handling (asyncssh's ``_update_iv``) is untouched.
+    chacha20-poly1305@openssh.com: the Poly1305 key is the first 32 bytes of
+    ChaCha20 block 0 and the payload is encrypted from block 1 with the same
+    key and nonce; asyncssh ran two ChaCha20 contexts for that, and copied
+    header and payload into one string to authenticate them. Now one context
+    yields block 0 and then continues at block 1 (the same key stream), and
+    Poly1305 is fed header and payload in turn. Output is byte-identical
+    (``tests/test_tuning.py`` compares against asyncssh's own functions), the
+    tag is still checked before anything is decrypted.
+
+The environment variable ``BASTION_TUNING`` picks the features at start:
+unset or ``all`` for every one, ``none`` for plain asyncssh, or a comma-separated
+list. It exists to compare with and without (``bench/``) and to rule the
+patches out when chasing a problem; there is no reason to turn them off
+otherwise.
 
 Every function a patch replaces or relies on is pinned by a fingerprint of
 its source. On an asyncssh whose code differs from the verified one,
@@ -57,14 +86,20 @@ from collections.abc import Callable, Collection
 from typing import Any
 
 import asyncssh
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.ciphers.algorithms import ChaCha20
 from cryptography.hazmat.primitives.ciphers.modes import CTR
+from cryptography.hazmat.primitives.poly1305 import Poly1305
 
 log = logging.getLogger("bastion.tuning")
 
 try:  # internals: a different asyncssh may have moved them
     from asyncssh.connection import SSHConnection
     from asyncssh.constants import MSG_IGNORE
-    from asyncssh.crypto.cipher import BasicCipher
+    from asyncssh.crypto.chacha import ChachaCipher
+    from asyncssh.crypto.cipher import BasicCipher, GCMCipher
     from asyncssh.encryption import BasicEncryption, ChachaEncryption, GCMEncryption
     from asyncssh.logging import SSHLogger
     from asyncssh.packet import SSHPacketLogger
@@ -73,7 +108,14 @@ except ImportError as exc:  # pragma: no cover - only on an unverified asyncssh
 else:
     _IMPORT_PROBLEM = None
 
-FEATURES = ("skip_ignore", "quiet_packet_log", "quickack", "coalesce_writes")
+FEATURES = (
+    "skip_ignore",
+    "quiet_packet_log",
+    "quickack",
+    "coalesce_writes",
+    "exact_receive",
+    "reuse_aead",
+)
 
 # asyncssh versions the patches were verified against, and the sha256 (first
 # 16 hex digits) of the source of every function they replace or rely on
@@ -89,6 +131,18 @@ FINGERPRINTS = {
     "SSHLogger.packet": "a4baf6329fa97dcf",
     "BasicEncryption.__init__": "4037a63eec54ea3e",
     "BasicCipher.__init__": "78d7970eba3ac6f8",
+    "SSHConnection._recv_data": "fc4e0735191bb0fd",
+    "SSHConnection._recv_pkthdr": "7adc4d88fe20593c",
+    "SSHConnection._recv_packet": "b3daa22e9763eee9",
+    "SSHConnection._finish_recv_packet": "e12d96db58b3524e",
+    "GCMCipher.__init__": "8dbe9e768f4ecf7a",
+    "GCMCipher.encrypt_and_sign": "adb87dbdb4f9039a",
+    "GCMCipher.verify_and_decrypt": "c09eb5b36d0f6a92",
+    "ChachaCipher.__init__": "b9689bf565276ccb",
+    "ChachaCipher.encrypt_and_sign": "f9b87e5614981c32",
+    "ChachaCipher.verify_and_decrypt": "0ab7b7420976f2f6",
+    "chacha.chacha20": "8fd99dfce8c7c885",
+    "chacha.poly1305_key": "c8627dfb53b0c702",
 }
 
 # reads shorter than this re-arm TCP_QUICKACK after authentication: a peer
@@ -111,6 +165,18 @@ def _functions() -> dict[str, Callable[..., Any]]:
         "SSHLogger.packet": SSHLogger.packet,
         "BasicEncryption.__init__": BasicEncryption.__init__,
         "BasicCipher.__init__": BasicCipher.__init__,
+        "SSHConnection._recv_data": SSHConnection._recv_data,
+        "SSHConnection._recv_pkthdr": SSHConnection._recv_pkthdr,
+        "SSHConnection._recv_packet": SSHConnection._recv_packet,
+        "SSHConnection._finish_recv_packet": SSHConnection._finish_recv_packet,
+        "GCMCipher.__init__": GCMCipher.__init__,
+        "GCMCipher.encrypt_and_sign": GCMCipher.encrypt_and_sign,
+        "GCMCipher.verify_and_decrypt": GCMCipher.verify_and_decrypt,
+        "ChachaCipher.__init__": ChachaCipher.__init__,
+        "ChachaCipher.encrypt_and_sign": ChachaCipher.encrypt_and_sign,
+        "ChachaCipher.verify_and_decrypt": ChachaCipher.verify_and_decrypt,
+        "chacha.chacha20": asyncssh.crypto.chacha.chacha20,
+        "chacha.poly1305_key": asyncssh.crypto.chacha.poly1305_key,
     }
 
 
@@ -189,6 +255,112 @@ def _replace(owner: type, attr: str, new: Any) -> Any:
     return original
 
 
+def _exact_receiver(data_received: Callable[..., None]) -> Callable[..., None]:
+    """``data_received`` that hands asyncssh each read in the pieces its parser waits for."""
+    recv_pkthdr = SSHConnection._recv_pkthdr
+    recv_packet = SSHConnection._recv_packet
+
+    def exact_data_received(self: SSHConnection, data: bytes, datatype: Any = None) -> None:
+        pos = 0
+        end = len(data)
+        while True:
+            step = getattr(self._recv_handler, "__func__", None)
+            if step is recv_pkthdr:
+                # the first cipher block, which holds the packet length
+                need = self._recv_blocksize - len(self._inpbuf)
+            elif step is recv_packet:
+                # the rest of the packet and its MAC (what _recv_packet checks for)
+                need = (
+                    4 + self._pktlen + self._recv_macsize - self._recv_blocksize - len(self._inpbuf)
+                )
+            else:
+                need = 0
+            if need <= 0 or end - pos <= need:
+                data_received(self, data[pos:] if pos else data, datatype)
+                return
+            data_received(self, data[pos : pos + need], datatype)
+            pos += need
+            if self._inpbuf or not self._transport:
+                # asyncssh stopped short of its piece (an error, a disconnect):
+                # keep the rest in its buffer, unparsed, as it would have
+                self._inpbuf += data[pos:]
+                return
+
+    return exact_data_received
+
+
+def _install_reuse_aead() -> None:
+    gcm_init = _replace(GCMCipher, "__init__", None)
+    _replace(GCMCipher, "encrypt_and_sign", None)
+    _replace(GCMCipher, "verify_and_decrypt", None)
+    gcm_mac_size = 16
+    update_iv = GCMCipher._update_iv
+
+    def gcm_init_once(self: GCMCipher, cipher_name: str, key: bytes, iv: bytes) -> None:
+        gcm_init(self, cipher_name, key, iv)
+        self._bastion_aead = AESGCM(self._key)  # type: ignore[attr-defined]
+
+    def gcm_encrypt_and_sign(self: GCMCipher, header: bytes, data: bytes) -> tuple[bytes, bytes]:
+        data = self._bastion_aead.encrypt(self._iv, data, header)  # type: ignore[attr-defined]
+        update_iv(self)
+        return header + data[:-gcm_mac_size], data[-gcm_mac_size:]
+
+    def gcm_verify_and_decrypt(
+        self: GCMCipher, header: bytes, data: bytes, mac: bytes
+    ) -> bytes | None:
+        try:
+            decrypted: bytes | None = self._bastion_aead.decrypt(  # type: ignore[attr-defined]
+                self._iv, data + mac, header
+            )
+        except InvalidTag:
+            decrypted = None
+        update_iv(self)
+        return decrypted
+
+    GCMCipher.__init__ = gcm_init_once  # type: ignore[method-assign]
+    GCMCipher.encrypt_and_sign = gcm_encrypt_and_sign  # type: ignore[method-assign]
+    GCMCipher.verify_and_decrypt = gcm_verify_and_decrypt  # type: ignore[method-assign]
+
+    _replace(ChachaCipher, "encrypt_and_sign", None)
+    _replace(ChachaCipher, "verify_and_decrypt", None)
+    block0 = bytes(64)  # ChaCha20 block 0: its first 32 bytes are the Poly1305 key
+
+    def chacha_stream(key: bytes, nonce: bytes) -> tuple[Any, bytes]:
+        """A ChaCha20 context at block 1 and the Poly1305 key from block 0."""
+        stream = Cipher(ChaCha20(key, bytes(8) + nonce), mode=None).encryptor()
+        return stream, stream.update(block0)[:32]
+
+    def chacha_header(key: bytes, header: bytes, nonce: bytes) -> bytes:
+        return Cipher(ChaCha20(key, bytes(8) + nonce), mode=None).encryptor().update(header)
+
+    def chacha_encrypt_and_sign(
+        self: ChachaCipher, header: bytes, data: bytes, nonce: bytes
+    ) -> tuple[bytes, bytes]:
+        header = chacha_header(self._adkey, header, nonce)
+        stream, poly_key = chacha_stream(self._key, nonce)
+        data = stream.update(data)
+        mac = Poly1305(poly_key)
+        mac.update(header)
+        mac.update(data)
+        return header + data, mac.finalize()
+
+    def chacha_verify_and_decrypt(
+        self: ChachaCipher, header: bytes, data: bytes, nonce: bytes, tag: bytes
+    ) -> bytes | None:
+        stream, poly_key = chacha_stream(self._key, nonce)
+        mac = Poly1305(poly_key)
+        mac.update(header)
+        mac.update(data)
+        try:
+            mac.verify(tag)
+        except InvalidSignature:
+            return None
+        return stream.update(data)  # type: ignore[no-any-return]
+
+    ChachaCipher.encrypt_and_sign = chacha_encrypt_and_sign  # type: ignore[method-assign]
+    ChachaCipher.verify_and_decrypt = chacha_verify_and_decrypt  # type: ignore[method-assign]
+
+
 def _install(features: frozenset[str]) -> None:
     if "skip_ignore" in features:
         send_packet = _replace(SSHConnection, "send_packet", None)
@@ -206,15 +378,25 @@ def _install(features: frozenset[str]) -> None:
 
         SSHConnection.send_packet = patched_send_packet  # type: ignore[method-assign]
 
-    if "quickack" in features:
+    if "quickack" in features or "exact_receive" in features:
         data_received = _replace(SSHConnection, "data_received", None)
+        if "exact_receive" in features:
+            data_received = _exact_receiver(data_received)
+        if "quickack" in features:
+            receive = data_received
 
-        def patched_data_received(self: SSHConnection, data: bytes, datatype: Any = None) -> None:
-            if len(data) < QUICKACK_BELOW or not self._auth_complete:
-                quickack(self._transport)
-            data_received(self, data, datatype)
+            def quickack_data_received(
+                self: SSHConnection, data: bytes, datatype: Any = None
+            ) -> None:
+                if len(data) < QUICKACK_BELOW or not self._auth_complete:
+                    quickack(self._transport)
+                receive(self, data, datatype)
 
-        SSHConnection.data_received = patched_data_received  # type: ignore[method-assign]
+            data_received = quickack_data_received
+        SSHConnection.data_received = data_received  # type: ignore[method-assign]
+
+    if "reuse_aead" in features:
+        _install_reuse_aead()
 
     if "quiet_packet_log" in features:
         log_packet = SSHPacketLogger._log_packet
@@ -256,6 +438,9 @@ def _install(features: frozenset[str]) -> None:
 def apply(features: Collection[str] = FEATURES) -> bool:
     """Install the speed-ups once; False (and a warning) where asyncssh differs."""
     wanted = frozenset(features)
+    if not wanted:
+        log.info("asyncssh speed-ups off (BASTION_TUNING=none)")
+        return True
     unknown = wanted - set(FEATURES)
     if unknown:
         raise ValueError(f"unknown tuning features: {', '.join(sorted(unknown))}")
@@ -272,6 +457,23 @@ def apply(features: Collection[str] = FEATURES) -> bool:
     _State.features = wanted
     log.info("asyncssh %s speed-ups applied: %s", asyncssh.__version__, ", ".join(sorted(wanted)))
     return True
+
+
+def features_from_env(value: str | None) -> tuple[str, ...]:
+    """The features ``BASTION_TUNING`` asks for (see the module docstring)."""
+    text = (value or "all").strip().lower()
+    if text == "all":
+        return FEATURES
+    if text == "none":
+        return ()
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = sorted(set(names) - set(FEATURES))
+    if unknown:
+        raise ValueError(
+            f"BASTION_TUNING: unknown feature {', '.join(unknown)} "
+            f"(known: all, none, {', '.join(FEATURES)})"
+        )
+    return names
 
 
 def applied() -> frozenset[str]:

@@ -203,6 +203,90 @@ def test_untuned_asyncssh_sends_the_ignores_the_patch_removes() -> None:
     assert ignores > 0
 
 
+def test_reused_aead_is_byte_identical_to_asyncssh() -> None:
+    """The reuse_aead ciphers produce exactly asyncssh's bytes, and reject what it rejects."""
+    from asyncssh.crypto.chacha import ChachaCipher
+    from asyncssh.crypto.cipher import GCMCipher
+
+    tuning.revert()
+    chacha_key, gcm_key, iv = os.urandom(64), os.urandom(16), os.urandom(12)
+    cases = [(os.urandom(4), os.urandom(n), os.urandom(8)) for n in (0, 1, 63, 64, 65, 32768)]
+
+    def run() -> list[Any]:
+        out: list[Any] = []
+        chacha = ChachaCipher(chacha_key)
+        enc = GCMCipher("aes128-gcm", gcm_key, iv)
+        dec = GCMCipher("aes128-gcm", gcm_key, iv)
+        for header, data, nonce in cases:
+            sealed, tag = chacha.encrypt_and_sign(header, data, nonce)
+            bad = bytes([tag[0] ^ 1]) + tag[1:]
+            out += [
+                sealed,
+                tag,
+                chacha.decrypt_header(sealed[:4], nonce),
+                chacha.verify_and_decrypt(sealed[:4], sealed[4:], nonce, tag),
+                chacha.verify_and_decrypt(sealed[:4], sealed[4:], nonce, bad),
+            ]
+            sealed, tag = enc.encrypt_and_sign(header, data)
+            out += [sealed, tag, dec.verify_and_decrypt(sealed[:4], sealed[4:], tag)]
+        # a forged GCM tag is refused (and the nonce still moves on, as in asyncssh)
+        sealed, tag = enc.encrypt_and_sign(b"abcd", b"payload")
+        out.append(dec.verify_and_decrypt(sealed[:4], sealed[4:], bytes(16)))
+        return out
+
+    untuned = run()
+    assert untuned[4] is None and untuned[3] == cases[0][1] and untuned[-1] is None
+    try:
+        assert tuning.apply(["reuse_aead"])
+        assert run() == untuned
+    finally:
+        tuning.revert()
+
+
+async def _split_reads_roundtrip(alg: str, payload: bytes, chunk: int) -> bytes:
+    """Echo over an SSH connection whose transport delivers reads of ``chunk`` bytes."""
+    original = SSHConnection.data_received
+
+    def rechunk(self: SSHConnection, data: bytes, datatype: Any = None) -> None:
+        for i in range(0, len(data), chunk):
+            original(self, data[i : i + chunk], datatype)
+
+    SSHConnection.data_received = rechunk  # type: ignore[method-assign]
+    try:
+        echoed, _ = await _echo_roundtrip(alg, payload)
+    finally:
+        SSHConnection.data_received = original  # type: ignore[method-assign]
+    return echoed
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 4096, 1 << 20])
+@pytest.mark.parametrize("alg", ["aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com"])
+def test_exact_receive_handles_any_read_boundaries(tuned: None, alg: str, chunk: int) -> None:
+    # reads that split headers, packets and MACs anywhere, and reads of many packets
+    payload = os.urandom(300_000 if chunk < 100 else 3_000_000)
+    echoed = asyncio.run(_split_reads_roundtrip(alg, payload, chunk))
+    assert hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest()
+
+
+def test_exact_receive_keeps_asyncssh_buffer_to_one_packet(tuned: None) -> None:
+    # the point of the patch: the parse buffer never holds more than one packet
+    seen = {"max": 0}
+    recv_data = SSHConnection._recv_data
+
+    def watching(self: SSHConnection) -> None:
+        seen["max"] = max(seen["max"], len(self._inpbuf))
+        recv_data(self)
+
+    SSHConnection._recv_data = watching  # type: ignore[method-assign]
+    try:
+        payload = os.urandom(4_000_000)
+        echoed = asyncio.run(_split_reads_roundtrip("aes128-gcm@openssh.com", payload, 1 << 20))
+    finally:
+        SSHConnection._recv_data = recv_data  # type: ignore[method-assign]
+    assert echoed == payload
+    assert 0 < seen["max"] <= 35_000 + 64, seen
+
+
 # -- the real bastion (tuning applied at start) -----------------------------
 
 
@@ -223,3 +307,20 @@ def test_real_relayed_session_with_tuning(
     log = bastion.log.read_text()
     assert "speed-ups applied" in log, log[-2000:]
     assert "speed-ups not applied" not in log
+
+
+def test_bastion_tuning_environment_variable() -> None:
+    assert tuning.features_from_env(None) == tuning.FEATURES
+    assert tuning.features_from_env(" ALL ") == tuning.FEATURES
+    assert tuning.features_from_env("none") == ()
+    assert tuning.features_from_env("skip_ignore, exact_receive") == (
+        "skip_ignore",
+        "exact_receive",
+    )
+    with pytest.raises(ValueError, match="unknown feature turbo"):
+        tuning.features_from_env("skip_ignore,turbo")
+    tuning.revert()
+    original = SSHConnection.data_received
+    assert tuning.apply(tuning.features_from_env("none"))
+    assert tuning.applied() == frozenset()
+    assert SSHConnection.data_received is original
