@@ -23,7 +23,7 @@ from bastion.routing import ConsulDirectory
 from bastion.server import BastionServer, ServerContext
 from bastion.tuning import apply as apply_tuning
 from bastion.tuning import features_from_env as tuning_features
-from bastion.upstream import HostKeyPolicy, UpstreamConnector
+from bastion.upstream import HostKeyPolicy, UpstreamConnector, UpstreamPool
 
 log = logging.getLogger("bastion")
 
@@ -63,6 +63,7 @@ class Application:
         self.vault: VaultClient | None = None
         self.directory: ConsulDirectory | None = None
         self.server: BastionServer | None = None
+        self.pool: UpstreamPool | None = None
         self.audit = AuditLog(settings.audit.file)
         self.metrics = Metrics()
 
@@ -95,14 +96,19 @@ class Application:
             s.upstream.known_hosts,
             directory.host_keys if s.upstream.host_keys_from_directory else None,
         )
-        connector = UpstreamConnector(s.upstream, signer, host_keys)
+        self.pool = UpstreamPool(
+            UpstreamConnector(s.upstream, signer, host_keys),
+            idle=s.upstream.reuse_idle,
+            max_age=s.upstream.reuse_max_age_seconds,
+            max_shared=s.upstream.reuse_max_shared,
+        )
         keys = KeyDirectory(
             directory.authorized_keys, s.server.authorized_keys_dir, s.server.user_ca_keys
         )
         ctx = ServerContext(
             settings=s.server,
             router=directory,
-            connector=connector,
+            connector=self.pool,
             keys=keys,
             audit=self.audit,
             metrics=self.metrics,
@@ -114,6 +120,8 @@ class Application:
             self.metrics.serve(s.metrics.listen)
 
     async def stop(self, drain_timeout: float = 10.0) -> None:
+        if self.pool is not None:
+            self.pool.close()  # idle upstream connections now, the rest after the drain
         if self.server is not None:
             await self.server.stop(drain_timeout)
         if self.directory is not None:

@@ -95,6 +95,19 @@ class UpstreamSettings:
     cert_ttl: int = 300
     default_port: int = 22
     keepalive_interval: float = 30.0
+    # a person's authenticated upstream connection stays open this many
+    # seconds after their last connection through it ends, and their next
+    # login to the same host and account reuses it (like OpenSSH's
+    # ControlPersist: no new handshake or certificate); 0 turns reuse off
+    reuse_idle: float = 10.0
+    # never reused once this many seconds old; default and maximum: cert_ttl
+    reuse_max_age: int | None = None
+    # person connections sharing one upstream connection at most
+    reuse_max_shared: int = 4
+
+    @property
+    def reuse_max_age_seconds(self) -> int:
+        return self.cert_ttl if self.reuse_max_age is None else self.reuse_max_age
 
 
 @dataclass(frozen=True)
@@ -254,6 +267,17 @@ def _validate(s: Settings, label: str) -> None:
         )
     if not 30 <= s.upstream.cert_ttl <= 3600:
         raise bad("[upstream] cert_ttl: must be between 30 and 3600 seconds")
+    if not 0 <= s.upstream.reuse_idle <= 600:
+        raise bad("[upstream] reuse_idle: must be between 0 (off) and 600 seconds")
+    if s.upstream.reuse_max_age is not None and not (
+        1 <= s.upstream.reuse_max_age <= s.upstream.cert_ttl
+    ):
+        raise bad(
+            "[upstream] reuse_max_age: must be between 1 and cert_ttl "
+            f"({s.upstream.cert_ttl}) seconds"
+        )
+    if not 1 <= s.upstream.reuse_max_shared <= 8:
+        raise bad("[upstream] reuse_max_shared: must be between 1 and 8 (sshd's MaxSessions is 10)")
     if s.upstream.known_hosts is None and not s.upstream.host_keys_from_directory:
         raise bad(
             "[upstream] known_hosts or host_keys_from_directory is required: "

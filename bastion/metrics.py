@@ -21,6 +21,11 @@ class Metrics:
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=r,
         )
+        self.upstream_reused = Counter(
+            "bastion_upstream_reused",
+            "Logins served by a person's already open upstream connection",
+            registry=r,
+        )
         self.channels_active = Gauge(
             "bastion_channels_active", "Open relayed channels", ["kind"], registry=r
         )

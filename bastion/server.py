@@ -34,6 +34,7 @@ from bastion.relay import (
     open_tcp_tunnel,
 )
 from bastion.routing import Destination, Route
+from bastion.upstream import UpstreamLease
 
 log = logging.getLogger("bastion.server")
 
@@ -47,14 +48,17 @@ class Router(Protocol):
 
 
 class Connector(Protocol):
-    async def connect(
+    """Hands out upstream connections (``UpstreamPool`` answers)."""
+
+    async def acquire(
         self,
         dest: Destination,
         *,
+        user: str,
         key_id: str,
         password: str | None = None,
         agent_path: str | None = None,
-    ) -> asyncssh.SSHClientConnection: ...
+    ) -> UpstreamLease: ...
 
 
 @dataclass
@@ -85,6 +89,8 @@ class BastionConnection(asyncssh.SSHServer):
         self._route: Route | None = None
         self._dest: Destination | None = None
         self._upstream: asyncssh.SSHClientConnection | None = None
+        self._lease: UpstreamLease | None = None
+        self._listeners: list[asyncssh.SSHListener] = []
         self._upstream_lock = asyncio.Lock()
         self._upstream_error: BastionError | None = None
         self._channels = 0
@@ -116,8 +122,12 @@ class BastionConnection(asyncssh.SSHServer):
     def connection_lost(self, exc: Exception | None) -> None:
         self._leave_unauth()
         self._registry.remove(self)
-        if self._upstream is not None:
-            self._upstream.close()
+        for listener in self._listeners:
+            listener.close()
+        if self._lease is not None:
+            # channels relayed for this connection close with it; a shared
+            # upstream connection lives on for the person's next login
+            self._lease.release()
         if self._channels == 0:
             outcome = (
                 "refused"
@@ -189,7 +199,7 @@ class BastionConnection(asyncssh.SSHServer):
         try:
             async with self._upstream_lock:
                 if self._upstream is None:
-                    self._upstream = await self._connect_upstream(password=password)
+                    await self._connect_upstream(password=password)
             return True
         except UpstreamAuthFailed:
             return False
@@ -207,10 +217,8 @@ class BastionConnection(asyncssh.SSHServer):
 
     # -- the upstream connection (one per person's connection) ---------------
 
-    async def _connect_upstream(
-        self,
-        password: str | None = None,
-    ) -> asyncssh.SSHClientConnection:
+    async def _connect_upstream(self, password: str | None = None) -> None:
+        """Route, then take an upstream connection (sets ``_lease`` and ``_upstream``)."""
         started = time.monotonic()
         try:
             self._route = self._ctx.router.route_for(self.user)
@@ -218,8 +226,9 @@ class BastionConnection(asyncssh.SSHServer):
             agent_path = None
             if self._route.policy.agent_forwarding and self.conn is not None:
                 agent_path = self.conn.get_agent_path()
-            conn = await self._ctx.connector.connect(
+            lease = await self._ctx.connector.acquire(
                 self._dest,
+                user=self.user,
                 key_id=f"bastion:{self.user}:{self.conn_id}",
                 password=password,
                 agent_path=agent_path,
@@ -235,16 +244,28 @@ class BastionConnection(asyncssh.SSHServer):
                 exc.detail,
             )
             raise
+        self._lease = lease
+        self._upstream = lease.conn
         self._ctx.metrics.login_seconds.observe(time.monotonic() - started)
         self._ctx.metrics.logins.labels("accepted", "").inc()
-        log.info("login of %s from %s to %s", self.user, self.source, self._dest.label)
-        return conn
+        if lease.reused:
+            self._ctx.metrics.upstream_reused.inc()
+            log.info(
+                "login of %s from %s to %s (upstream connection of %s reused)",
+                self.user,
+                self.source,
+                self._dest.label,
+                lease.origin,
+            )
+        else:
+            log.info("login of %s from %s to %s", self.user, self.source, self._dest.label)
 
     async def upstream(self) -> asyncssh.SSHClientConnection:
         """The upstream connection, opened on first use and shared by channels."""
         async with self._upstream_lock:
             if self._upstream is None:
-                self._upstream = await self._connect_upstream()
+                await self._connect_upstream()
+            assert self._upstream is not None
             return self._upstream
 
     # -- channels ------------------------------------------------------------
@@ -276,6 +297,8 @@ class BastionConnection(asyncssh.SSHServer):
             exit_status=stats.exit_status,
             exit_signal=stats.exit_signal,
             request=stats.detail.get("request"),
+            # which login's certificate the host saw (differs when reused)
+            upstream_login=self._lease.origin if self._lease else None,
         )
 
     def session_requested(self) -> SessionRelay:
@@ -414,11 +437,18 @@ class BastionConnection(asyncssh.SSHServer):
                 ) from None
             return relay
 
+        if self._lease is not None:
+            # the listener is this connection's: no one else gets this upstream
+            self._lease.retire()
         try:
-            return await upstream.create_server(incoming, listen_host, listen_port, encoding=None)
+            listener = await upstream.create_server(
+                incoming, listen_host, listen_port, encoding=None
+            )
         except (asyncssh.ChannelListenError, OSError) as exc:
             log.warning("remote forward %s for %s failed: %s", target, self.user, exc)
             return False
+        self._listeners.append(listener)
+        return listener
 
 
 def _open_error(exc: BastionError) -> asyncssh.ChannelOpenError:

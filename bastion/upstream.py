@@ -8,9 +8,11 @@ made: there is no trust on first use.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,3 +219,185 @@ def _tune_socket(conn: asyncssh.SSHClientConnection) -> None:
     if isinstance(sock, socket.socket):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+# --------------------------------------------------------------------------
+# Reuse: one authenticated upstream connection for a person's repeated logins
+
+
+@dataclass(eq=False)
+class _Shared:
+    """An upstream connection the pool may hand to the same person again."""
+
+    key: tuple[str, str, int, str]  # person, host, port, login
+    conn: asyncssh.SSHClientConnection
+    opened: float  # time.monotonic() of its login to the host
+    origin: str  # key id of the certificate it logged in with
+    leases: int = 0
+    idle_timer: asyncio.TimerHandle | None = None
+    retired: bool = False
+
+
+class UpstreamLease:
+    """One person's connection's use of an upstream connection.
+
+    ``release()`` when the person's connection ends: a private connection is
+    closed, a shared one goes back to the pool (and closes once idle).
+    """
+
+    def __init__(
+        self,
+        pool: UpstreamPool | None,
+        conn: asyncssh.SSHClientConnection,
+        *,
+        reused: bool,
+        origin: str,
+        shared: _Shared | None = None,
+    ) -> None:
+        self.conn = conn
+        #: True when this login found the connection already open
+        self.reused = reused
+        #: key id of the certificate the connection logged in with
+        self.origin = origin
+        self._pool = pool
+        self._shared = shared
+        self._released = False
+
+    def retire(self) -> None:
+        """No one else may use this connection (e.g. it now carries a remote forward)."""
+        if self._shared is not None:
+            self._shared.retired = True
+
+    def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        if self._pool is None or self._shared is None:
+            self.conn.close()
+        else:
+            self._pool._release(self._shared)
+
+
+class UpstreamPool:
+    """Hands out upstream connections, reusing a person's recent one.
+
+    A person who logs in again to the same host and account within
+    ``idle`` seconds of their last connection ending (or while it is still
+    open) gets a new channel on the same authenticated upstream connection
+    instead of a new SSH handshake and certificate: the way OpenSSH's
+    ``ControlPersist`` works, done by the bastion. The bastion still
+    authenticates every login itself, and routes it afresh; only the
+    bastion→host handshake is skipped. Never shared: password logins (the
+    password is checked per login), connections that forward the person's
+    agent (the agent belongs to one client connection) or carry a remote
+    forward. A connection is not handed out once ``max_age`` seconds old
+    (at most the certificate lifetime), nor to more than ``max_shared``
+    person connections at once (sshd's MaxSessions defaults to 10).
+    """
+
+    def __init__(
+        self,
+        connector: UpstreamConnector,
+        *,
+        idle: float,
+        max_age: float,
+        max_shared: int,
+    ) -> None:
+        self._connector = connector
+        self.idle = idle
+        self.max_age = max_age
+        self.max_shared = max_shared
+        self._shared: dict[tuple[str, str, int, str], list[_Shared]] = {}
+        self._closed = False
+        #: logins served by an already open connection (for metrics and tests)
+        self.reuses = 0
+
+    @property
+    def open_shared(self) -> int:
+        """Shared connections open now (in use or idle)."""
+        return sum(len(v) for v in self._shared.values())
+
+    async def acquire(
+        self,
+        dest: Destination,
+        *,
+        user: str,
+        key_id: str,
+        password: str | None = None,
+        agent_path: str | None = None,
+    ) -> UpstreamLease:
+        """A connection to ``dest`` as ``dest.login`` for ``user``; raises like
+        :meth:`UpstreamConnector.connect`."""
+        shareable = self.idle > 0 and password is None and agent_path is None and not self._closed
+        key = (user, dest.host, dest.port, dest.login)
+        if shareable:
+            found = self._pick(key)
+            if found is not None:
+                found.leases += 1
+                if found.idle_timer is not None:
+                    found.idle_timer.cancel()
+                    found.idle_timer = None
+                self.reuses += 1
+                return UpstreamLease(
+                    self, found.conn, reused=True, origin=found.origin, shared=found
+                )
+        conn = await self._connector.connect(
+            dest, key_id=key_id, password=password, agent_path=agent_path
+        )
+        if not shareable or self._closed:
+            return UpstreamLease(None, conn, reused=False, origin=key_id)
+        shared = _Shared(key, conn, time.monotonic(), key_id, leases=1)
+        self._shared.setdefault(key, []).append(shared)
+        task = asyncio.ensure_future(conn.wait_closed())
+        task.add_done_callback(lambda _t: self._forget(shared))
+        return UpstreamLease(self, conn, reused=False, origin=key_id, shared=shared)
+
+    def _usable(self, s: _Shared) -> bool:
+        return (
+            not s.retired and not s.conn.is_closed() and time.monotonic() - s.opened < self.max_age
+        )
+
+    def _pick(self, key: tuple[str, str, int, str]) -> _Shared | None:
+        for s in self._shared.get(key, ()):
+            if self._usable(s) and s.leases < self.max_shared:
+                return s
+        return None
+
+    def _release(self, s: _Shared) -> None:
+        s.leases -= 1
+        if s.leases > 0:
+            return
+        if self._closed or not self._usable(s):
+            self._drop(s)
+            return
+        loop = asyncio.get_running_loop()
+        # idle for `idle` seconds, and never past max_age
+        wait = min(self.idle, self.max_age - (time.monotonic() - s.opened))
+        s.idle_timer = loop.call_later(max(wait, 0.0), self._expire, s)
+
+    def _expire(self, s: _Shared) -> None:
+        s.idle_timer = None
+        if s.leases == 0:
+            self._drop(s)
+
+    def _drop(self, s: _Shared) -> None:
+        self._forget(s)
+        s.conn.close()
+
+    def _forget(self, s: _Shared) -> None:
+        if s.idle_timer is not None:
+            s.idle_timer.cancel()
+            s.idle_timer = None
+        entries = self._shared.get(s.key)
+        if entries and s in entries:
+            entries.remove(s)
+            if not entries:
+                del self._shared[s.key]
+
+    def close(self) -> None:
+        """Close idle connections now and the others as their last user leaves."""
+        self._closed = True
+        for entries in list(self._shared.values()):
+            for s in list(entries):
+                if s.leases == 0:
+                    self._drop(s)

@@ -59,6 +59,9 @@ MiB = 1 << 20
 DIRECTIONS = ("download", "upload", "both")
 PATHS = ("openssh_direct", "openssh_jump", "bastion", "bastion_jump")
 BASTION_PATHS = ("bastion", "bastion_jump")
+# logins also through a bastion with upstream reuse off
+LOGIN_PATHS = (*PATHS, "bastion_fresh")
+LOGIN_BASTION_PATHS = (*BASTION_PATHS, "bastion_fresh")
 
 
 @dataclass(frozen=True)
@@ -103,9 +106,10 @@ def _rotate(items: tuple[str, ...], n: int) -> list[str]:
     return [*items[k:], *items[:k]]
 
 
-def _bastion_pid(stack: BenchStack) -> int:
-    assert stack.bastion is not None and stack.bastion.process is not None
-    return stack.bastion.process.pid
+def _bastion_pid(stack: BenchStack, path: str = "bastion") -> int:
+    bastion = stack.fresh_bastion if path == "bastion_fresh" else stack.bastion
+    assert bastion is not None and bastion.process is not None
+    return bastion.process.pid
 
 
 # --------------------------------------------------------------------------
@@ -207,29 +211,29 @@ def statistics_median(values: list[float]) -> float:
 
 
 def logins(stack: BenchStack, plan: Plan) -> dict[str, Any]:
-    pid = _bastion_pid(stack)
     paths = stack.paths("aes128-gcm")
-    times: dict[str, list[float]] = {p: [] for p in PATHS}
-    cpu: dict[str, list[float]] = {p: [] for p in BASTION_PATHS}
-    for path in PATHS:  # warm-up: page cache, Vault token, connection pools
+    times: dict[str, list[float]] = {p: [] for p in LOGIN_PATHS}
+    cpu: dict[str, list[float]] = {p: [] for p in LOGIN_BASTION_PATHS}
+    for path in LOGIN_PATHS:  # warm-up: page cache, Vault token, connection pools
         try:
             run_ssh([*paths[path], "true"], timeout=30)
         except BenchError as exc:
             _failed("login", f"warm-up {path}", exc)
     for rep in range(plan.logins):
-        for path in _rotate(PATHS, rep):
+        for path in _rotate(LOGIN_PATHS, rep):
+            pid = _bastion_pid(stack, path)
             c0 = cpu_seconds(pid)
             try:
                 times[path].append(run_ssh([*paths[path], "true"], timeout=30) * 1000)
             except BenchError as exc:
                 _failed("login", path, exc)
                 continue
-            if path in BASTION_PATHS:
+            if path in LOGIN_BASTION_PATHS:
                 cpu[path].append((cpu_seconds(pid) - c0) * 1000)
     jump_p50 = percentile(times["openssh_jump"], 50)
     direct_p50 = percentile(times["openssh_direct"], 50)
     out: dict[str, Any] = {"paths": {}, "kex": "curve25519-sha256", "cipher": "aes128-gcm"}
-    for path in PATHS:
+    for path in LOGIN_PATHS:
         p50 = percentile(times[path], 50)
         out["paths"][path] = {
             "p50_ms": round(p50, 1),
@@ -239,7 +243,7 @@ def logins(stack: BenchStack, plan: Plan) -> dict[str, Any]:
             "vs_openssh_direct": round(p50 / direct_p50, 2),
         }
     out["bastion_cpu_ms_per_login"] = {
-        path: round(sum(cpu[path]) / len(cpu[path]), 2) for path in BASTION_PATHS
+        path: round(sum(cpu[path]) / len(cpu[path]), 2) for path in LOGIN_BASTION_PATHS
     }
     return out
 
@@ -372,10 +376,10 @@ def _load(argv: list[str], clients: int, seconds: float) -> tuple[int, int, floa
 
 
 def login_rate(stack: BenchStack, plan: Plan) -> dict[str, Any]:
-    pid = _bastion_pid(stack)
     paths = stack.paths("aes128-gcm")
     out: dict[str, Any] = {"clients": plan.load_clients, "seconds": plan.load_seconds}
-    for path in ("openssh_direct", "bastion", "openssh_jump", "bastion_jump"):
+    for path in ("openssh_direct", "bastion", "bastion_fresh", "openssh_jump", "bastion_jump"):
+        pid = _bastion_pid(stack, path)
         c0, m0 = cpu_seconds(pid), machine_busy_seconds()
         done, failed, elapsed = _load(paths[path], plan.load_clients, plan.load_seconds)
         cpu, machine = cpu_seconds(pid) - c0, machine_busy_seconds() - m0
@@ -387,12 +391,12 @@ def login_rate(stack: BenchStack, plan: Plan) -> dict[str, Any]:
             "machine_cpu_ms_per_login": round(machine * 1000 / max(done, 1), 1),
             "machine_cpu_util": round(machine / elapsed / len(os.sched_getaffinity(0)), 2),
         }
-        if path in BASTION_PATHS and done:
+        if path in LOGIN_BASTION_PATHS and done:
             entry["bastion_cpu_ms_per_login"] = round(cpu * 1000 / done, 2)
             entry["bastion_cpu_util"] = round(cpu / elapsed, 2)
         out[path] = entry
     direct = out["openssh_direct"]["logins_per_s"]
-    for path in PATHS:
+    for path in LOGIN_PATHS:
         out[path]["vs_openssh_direct"] = round(out[path]["logins_per_s"] / direct, 2)
     return out
 
@@ -406,11 +410,12 @@ def signing_cost(stack: BenchStack, plan: Plan) -> dict[str, Any]:
     # end to end: the same login through a bastion signing locally
     local = stack.start_local_ca_bastion()
     try:
-        assert stack.bastion is not None and local.process is not None
-        vault_pid = _bastion_pid(stack)
+        # both with upstream reuse off, so that every login is signed
+        assert stack.fresh_bastion is not None and local.process is not None
+        vault_pid = _bastion_pid(stack, "bastion_fresh")
         prefix = stack.paths("aes128-gcm")["bastion"][:-3]
         argvs = {
-            "vault": [*prefix, "-p", str(stack.bastion.port), "127.0.0.1", "true"],
+            "vault": [*prefix, "-p", str(stack.fresh_bastion.port), "127.0.0.1", "true"],
             "local_ca": [*prefix, "-p", str(local.port), "127.0.0.1", "true"],
         }
         pids = {"vault": vault_pid, "local_ca": local.process.pid}

@@ -74,6 +74,7 @@ class BenchStack:
     hosts: dict[str, SshdHost] = field(default_factory=dict)
     jump: SshdHost | None = None
     bastion: BastionProcess | None = None
+    fresh_bastion: BastionProcess | None = None
     local_bastion: BastionProcess | None = None
     parts: list[Any] = field(default_factory=list)
     key: Path = field(init=False)
@@ -143,10 +144,13 @@ class BenchStack:
             "".join(h.known_hosts_line() + "\n" for h in [*self.hosts.values(), self.jump])
         )
         self.bastion = self._start_bastion("bastion", vault=True)
+        # the same bastion with upstream reuse off: every login is a new
+        # upstream handshake with a new certificate
+        self.fresh_bastion = self._start_bastion("bastion-fresh", vault=True, reuse=False)
         for cipher in CIPHERS:
             self.ssh_config(cipher).write_text(self._ssh_config_text(cipher))
 
-    def _start_bastion(self, name: str, *, vault: bool) -> BastionProcess:
+    def _start_bastion(self, name: str, *, vault: bool, reuse: bool = True) -> BastionProcess:
         assert self.consul is not None
         sections: dict[str, dict[str, Any]] = {
             "server": {"auth_methods": ["publickey"], "max_unauthenticated": 512},
@@ -156,6 +160,8 @@ class BenchStack:
             },
             "upstream": {"known_hosts": str(self.known_hosts)},
         }
+        if not reuse:
+            sections["upstream"]["reuse_idle"] = 0
         if vault:
             assert self.bao is not None
             sections["vault"] = {
@@ -176,7 +182,7 @@ class BenchStack:
     def start_local_ca_bastion(self) -> BastionProcess:
         """A second bastion signing upstream certificates with a local CA key."""
         if self.local_bastion is None:
-            self.local_bastion = self._start_bastion("bastion-local-ca", vault=False)
+            self.local_bastion = self._start_bastion("bastion-local-ca", vault=False, reuse=False)
         return self.local_bastion
 
     def stop_local_ca_bastion(self) -> None:
@@ -215,6 +221,7 @@ class BenchStack:
         """The four ways to reach host-102, as OpenSSH command-line prefixes
         (append the remote command)."""
         assert self.jump is not None and self.bastion is not None
+        assert self.fresh_bastion is not None
         target = self.hosts["host-102"]
         base = [devstack.ssh_bin(), "-F", str(self.ssh_config(cipher)), *options]
         direct = ["-p", str(target.port), target.address]
@@ -223,4 +230,5 @@ class BenchStack:
             "openssh_jump": [*base, "-J", f"{USER}@{self.jump.address}:{self.jump.port}", *direct],
             "bastion": [*base, "-p", str(self.bastion.port), "127.0.0.1"],
             "bastion_jump": [*base, "-J", f"{USER}@127.0.0.1:{self.bastion.port}", *direct],
+            "bastion_fresh": [*base, "-p", str(self.fresh_bastion.port), "127.0.0.1"],
         }

@@ -14,6 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PATHS = ("openssh_direct", "openssh_jump", "bastion", "bastion_jump")
+LOGIN_PATHS = (*PATHS, "bastion_fresh")  # logins also with upstream reuse off
 
 
 def positive(value: Any, where: str) -> None:
@@ -47,10 +48,10 @@ def test_quick_bench_writes_every_section(tmp_path: Path) -> None:
                 positive(e["vs_openssh_jump"], f"ratio {cipher} {direction} {path}")
 
     login = results["login"]
-    for path in PATHS:
+    for path in LOGIN_PATHS:
         positive(login["paths"][path]["p50_ms"], f"login p50 {path}")
         positive(login["paths"][path]["p95_ms"], f"login p95 {path}")
-    for path in ("bastion", "bastion_jump"):
+    for path in ("bastion", "bastion_jump", "bastion_fresh"):
         # CPU is read in clock ticks (10 ms): a few fast logins may round to 0
         assert login["bastion_cpu_ms_per_login"][path] >= 0
 
@@ -65,7 +66,7 @@ def test_quick_bench_writes_every_section(tmp_path: Path) -> None:
     assert idle["sessions"] == results["meta"]["plan"]["idle_sessions"]
     positive(idle["rss_mb"], "idle RSS")
     positive(conc["idle"]["openssh_jump"]["pss_mb"], "jump host PSS")
-    for path in PATHS:
+    for path in LOGIN_PATHS:
         positive(conc["login_rate"][path]["logins_per_s"], f"logins/s {path}")
         assert conc["login_rate"][path]["failed"] == 0
 
@@ -81,4 +82,4 @@ def test_quick_bench_writes_every_section(tmp_path: Path) -> None:
                 assert cpu[cipher][direction][path]["cpu_s_per_gb"]["median"] >= 0
 
     names = [t["target"] for t in results["targets"]]
-    assert len(names) == 18 and all(t["value"] is not None for t in results["targets"])
+    assert len(names) == 20 and all(t["value"] is not None for t in results["targets"])

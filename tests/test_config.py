@@ -62,6 +62,10 @@ def test_good_settings_resolve_paths_next_to_the_file(tmp_path: Path) -> None:
             "routes_prefix: must end with '/'",
         ),
         (GOOD + "\n[vault]\naddress = 'http://v'\n", "[vault] needs role_id_file"),
+        (GOOD + "reuse_idle = 601\n", "[upstream] reuse_idle: must be between 0 (off) and 600"),
+        (GOOD + "reuse_max_age = 301\n", "reuse_max_age: must be between 1 and cert_ttl (300)"),
+        (GOOD + "reuse_max_age = 0\n", "reuse_max_age: must be between 1 and cert_ttl"),
+        (GOOD + "reuse_max_shared = 9\n", "reuse_max_shared: must be between 1 and 8"),
         ("[server\n", "bastion.toml"),
     ],
 )
@@ -70,6 +74,14 @@ def test_errors_name_the_file_and_key(tmp_path: Path, text: str, message: str) -
         load_settings(write(tmp_path, text))
     assert message in str(info.value)
     assert str(tmp_path / "bastion.toml") in str(info.value)
+
+
+def test_reuse_defaults_follow_cert_ttl(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, GOOD + "cert_ttl = 120\n"))
+    assert settings.upstream.reuse_idle == 10.0
+    assert settings.upstream.reuse_max_age_seconds == 120
+    settings = load_settings(write(tmp_path, GOOD + "reuse_idle = 0\nreuse_max_age = 60\n"))
+    assert (settings.upstream.reuse_idle, settings.upstream.reuse_max_age_seconds) == (0.0, 60)
 
 
 def test_missing_file(tmp_path: Path) -> None:

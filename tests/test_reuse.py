@@ -1,0 +1,186 @@
+"""Reusing a person's authenticated upstream connection for their next login
+(``[upstream] reuse_idle``, bastion/upstream.py ``UpstreamPool``).
+
+The host tells which connection a login arrived on: ``$SSH_CONNECTION``
+names the bastion's source port, one per upstream TCP connection.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import ConsulTokens, Person, VaultSetup, bastion_sections, route
+
+from bastion import devstack
+from bastion.devstack import BastionProcess, ConsulAgent, SshdHost, ssh_command
+
+
+def upstream_port(bastion: BastionProcess, person: Person) -> tuple[str, str]:
+    """(host name, the bastion's source port the host saw) for one login."""
+    argv = ssh_command(
+        port=bastion.port,
+        user=person.name,
+        identity=person.key,
+        command=['echo "$(hostname) $SSH_CONNECTION"'],
+    )
+    result = subprocess.run(
+        argv, capture_output=True, timeout=60, check=False, stdin=subprocess.DEVNULL
+    )
+    assert result.returncode == 0, result.stderr
+    host, _client_ip, client_port, *_ = result.stdout.decode().split()
+    return host, client_port
+
+
+@pytest.fixture
+def restore_routes(consul: ConsulAgent, hosts: dict[str, SshdHost]) -> Iterator[None]:
+    yield
+    consul.kv_put("users/alice", route(hosts, "host-102"))
+    consul.kv_put("users/bob", route(hosts, "host-101"))
+    time.sleep(1.0)
+
+
+def test_next_login_reuses_the_upstream_connection(
+    bastion: BastionProcess, people: dict[str, Person]
+) -> None:
+    alice = people["alice"]
+    first = upstream_port(bastion, alice)
+    second = upstream_port(bastion, alice)
+    assert first[0] == second[0] == "host-102"
+    assert second[1] == first[1], "a new upstream connection for the same person and host"
+    # the audit says which login's certificate the host saw
+    records = [
+        r
+        for r in bastion.audit_records()
+        if r["event"] == "session" and r.get("user") == "alice" and r.get("outcome") == "ok"
+    ]
+    assert len(records) >= 2
+    assert records[-1]["upstream_login"] == records[-2]["upstream_login"]
+    assert records[-1]["upstream_login"].startswith("bastion:alice:")
+    assert records[-1]["conn"] != records[-2]["conn"]
+    log = bastion.log.read_text()
+    assert "upstream connection of bastion:alice:" in log
+
+
+def test_another_person_never_shares_a_connection(
+    bastion: BastionProcess,
+    consul: ConsulAgent,
+    hosts: dict[str, SshdHost],
+    people: dict[str, Person],
+    restore_routes: None,
+) -> None:
+    # bob is routed to the very account alice uses on host-102
+    consul.kv_put("users/bob", route(hosts, "host-102", login="alice"))
+    time.sleep(1.0)
+    alice_host, alice_port = upstream_port(bastion, people["alice"])
+    bob_host, bob_port = upstream_port(bastion, people["bob"])
+    assert alice_host == bob_host == "host-102"
+    assert bob_port != alice_port
+    # and bob's own second login does reuse his
+    assert upstream_port(bastion, people["bob"])[1] == bob_port
+
+
+def test_route_change_is_never_served_by_the_old_connection(
+    bastion: BastionProcess,
+    consul: ConsulAgent,
+    hosts: dict[str, SshdHost],
+    people: dict[str, Person],
+    restore_routes: None,
+) -> None:
+    alice = people["alice"]
+    assert upstream_port(bastion, alice)[0] == "host-102"
+    consul.kv_put("users/alice", route(hosts, "host-101"))
+    time.sleep(1.0)
+    assert upstream_port(bastion, alice)[0] == "host-101"
+
+
+def test_connection_with_a_remote_forward_is_not_shared(
+    bastion: BastionProcess,
+    consul: ConsulAgent,
+    hosts: dict[str, SshdHost],
+    people: dict[str, Person],
+    restore_routes: None,
+) -> None:
+    alice = people["alice"]
+    consul.kv_put(
+        "users/alice",
+        json.dumps({"route": route(hosts, "host-102"), "remote_forwarding": True}),
+    )
+    time.sleep(1.0)
+    rport = devstack.free_port()
+    argv = ssh_command(
+        port=bastion.port,
+        user="alice",
+        identity=alice.key,
+        extra=["-o", "ExitOnForwardFailure=yes", "-R", f"127.0.0.1:{rport}:127.0.0.1:9"],
+        command=['echo "$SSH_CONNECTION"; sleep 20'],
+    )
+    holder = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        assert holder.stdout is not None
+        line = holder.stdout.readline().decode().split()
+        assert line, "the -R session printed nothing"
+        forward_port = line[1]
+        _, port = upstream_port(bastion, alice)
+        assert port != forward_port, "a login was put on the connection carrying -R"
+    finally:
+        holder.terminate()
+        holder.communicate(timeout=10)
+
+
+def _private_bastion(
+    base: Path,
+    consul: ConsulAgent,
+    consul_tokens: ConsulTokens,
+    vault: VaultSetup,
+    known_hosts: Path,
+    **upstream: object,
+) -> BastionProcess:
+    sections = bastion_sections(consul_tokens, consul, known_hosts, vault)
+    sections["upstream"].update(upstream)
+    return BastionProcess(base, sections).start()
+
+
+def test_idle_connection_closes_and_reuse_can_be_turned_off(
+    tmp_path: Path,
+    consul: ConsulAgent,
+    consul_tokens: ConsulTokens,
+    vault: VaultSetup,
+    known_hosts: Path,
+    people: dict[str, Person],
+) -> None:
+    alice = people["alice"]
+    short = _private_bastion(
+        tmp_path / "short", consul, consul_tokens, vault, known_hosts, reuse_idle=1
+    )
+    try:
+        first = upstream_port(short, alice)[1]
+        assert upstream_port(short, alice)[1] == first  # within a second: reused
+        time.sleep(2.5)
+        assert upstream_port(short, alice)[1] != first  # idle past 1 s: closed
+    finally:
+        short.stop()
+    aged = _private_bastion(
+        tmp_path / "aged", consul, consul_tokens, vault, known_hosts, reuse_max_age=1
+    )
+    try:
+        first = upstream_port(aged, alice)[1]
+        time.sleep(1.5)
+        # idle for less than reuse_idle, but older than reuse_max_age
+        assert upstream_port(aged, alice)[1] != first
+    finally:
+        aged.stop()
+    off = _private_bastion(
+        tmp_path / "off", consul, consul_tokens, vault, known_hosts, reuse_idle=0
+    )
+    try:
+        ports = {upstream_port(off, alice)[1] for _ in range(3)}
+        assert len(ports) == 3
+    finally:
+        off.stop()
