@@ -47,7 +47,8 @@ bench.run``; results in ``bench/results/latest.md``):
     in exactly the pieces its parser waits for (the rest of the header
     block, then the rest of the packet), so its buffer never holds more than
     the packet being parsed. The parser, its checks and its error handling
-    are asyncssh's own; only the slicing moved. While asyncssh is in another
+    are asyncssh's own; only the slicing moved (and the keepalive timer is
+    still reset once per read, not once per piece). While asyncssh is in another
     state (version exchange, a packet handled asynchronously) or after a
     parse error or disconnect, the read goes to it whole, as before.
 ``reuse_aead``
@@ -102,6 +103,7 @@ try:  # internals: a different asyncssh may have moved them
     from asyncssh.crypto.cipher import BasicCipher, GCMCipher
     from asyncssh.encryption import BasicEncryption, ChachaEncryption, GCMEncryption
     from asyncssh.logging import SSHLogger
+    from asyncssh.misc import DisconnectError
     from asyncssh.packet import SSHPacketLogger
 except ImportError as exc:  # pragma: no cover - only on an unverified asyncssh
     _IMPORT_PROBLEM: str | None = f"asyncssh internals not found: {exc}"
@@ -135,6 +137,7 @@ FINGERPRINTS = {
     "SSHConnection._recv_pkthdr": "7adc4d88fe20593c",
     "SSHConnection._recv_packet": "b3daa22e9763eee9",
     "SSHConnection._finish_recv_packet": "e12d96db58b3524e",
+    "SSHConnection._reset_keepalive_timer": "7a9157707c514524",
     "GCMCipher.__init__": "8dbe9e768f4ecf7a",
     "GCMCipher.encrypt_and_sign": "adb87dbdb4f9039a",
     "GCMCipher.verify_and_decrypt": "c09eb5b36d0f6a92",
@@ -169,6 +172,7 @@ def _functions() -> dict[str, Callable[..., Any]]:
         "SSHConnection._recv_pkthdr": SSHConnection._recv_pkthdr,
         "SSHConnection._recv_packet": SSHConnection._recv_packet,
         "SSHConnection._finish_recv_packet": SSHConnection._finish_recv_packet,
+        "SSHConnection._reset_keepalive_timer": SSHConnection._reset_keepalive_timer,
         "GCMCipher.__init__": GCMCipher.__init__,
         "GCMCipher.encrypt_and_sign": GCMCipher.encrypt_and_sign,
         "GCMCipher.verify_and_decrypt": GCMCipher.verify_and_decrypt,
@@ -255,12 +259,20 @@ def _replace(owner: type, attr: str, new: Any) -> Any:
     return original
 
 
-def _exact_receiver(data_received: Callable[..., None]) -> Callable[..., None]:
-    """``data_received`` that hands asyncssh each read in the pieces its parser waits for."""
+def _exact_receiver() -> Callable[..., None]:
+    """``data_received`` that hands asyncssh's parser each read in the pieces it waits for.
+
+    asyncssh's own ``data_received`` is ``self._inpbuf += data;
+    self._recv_data()``, and ``_recv_data`` resets the keepalive timer, then
+    runs the parser until it wants more. Here the timer is reset once per
+    read as before, and the parser loop (:func:`_parse`, the rest of
+    ``_recv_data``) runs once per piece.
+    """
     recv_pkthdr = SSHConnection._recv_pkthdr
     recv_packet = SSHConnection._recv_packet
 
     def exact_data_received(self: SSHConnection, data: bytes, datatype: Any = None) -> None:
+        self._reset_keepalive_timer()
         pos = 0
         end = len(data)
         while True:
@@ -276,10 +288,12 @@ def _exact_receiver(data_received: Callable[..., None]) -> Callable[..., None]:
             else:
                 need = 0
             if need <= 0 or end - pos <= need:
-                data_received(self, data[pos:] if pos else data, datatype)
+                self._inpbuf += data[pos:] if pos else data
+                _parse(self)
                 return
-            data_received(self, data[pos : pos + need], datatype)
+            self._inpbuf += data[pos : pos + need]
             pos += need
+            _parse(self)
             if self._inpbuf or not self._transport:
                 # asyncssh stopped short of its piece (an error, a disconnect):
                 # keep the rest in its buffer, unparsed, as it would have
@@ -287,6 +301,18 @@ def _exact_receiver(data_received: Callable[..., None]) -> Callable[..., None]:
                 return
 
     return exact_data_received
+
+
+def _parse(self: SSHConnection) -> None:
+    """asyncssh's ``_recv_data`` without its keepalive reset (fingerprinted)."""
+    try:
+        while self._inpbuf and self._recv_handler():
+            pass
+    except DisconnectError as exc:
+        self._send_disconnect(exc.code, exc.reason, exc.lang)
+        self._force_close(exc)
+    except Exception:  # asyncssh's own catch-all, kept as is
+        self.internal_error()
 
 
 def _install_reuse_aead() -> None:
@@ -381,7 +407,8 @@ def _install(features: frozenset[str]) -> None:
     if "quickack" in features or "exact_receive" in features:
         data_received = _replace(SSHConnection, "data_received", None)
         if "exact_receive" in features:
-            data_received = _exact_receiver(data_received)
+            # replaces asyncssh's data_received rather than wrapping it
+            data_received = _exact_receiver()
         if "quickack" in features:
             receive = data_received
 

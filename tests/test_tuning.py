@@ -271,18 +271,23 @@ def test_exact_receive_handles_any_read_boundaries(tuned: None, alg: str, chunk:
 def test_exact_receive_keeps_asyncssh_buffer_to_one_packet(tuned: None) -> None:
     # the point of the patch: the parse buffer never holds more than one packet
     seen = {"max": 0}
-    recv_data = SSHConnection._recv_data
 
-    def watching(self: SSHConnection) -> None:
-        seen["max"] = max(seen["max"], len(self._inpbuf))
-        recv_data(self)
+    class Watched:
+        """Records the size of every value asyncssh stores as its parse buffer."""
 
-    SSHConnection._recv_data = watching  # type: ignore[method-assign]
+        def __get__(self, conn: Any, owner: Any = None) -> bytes:
+            return conn.__dict__["_watched_inpbuf"]  # type: ignore[no-any-return]
+
+        def __set__(self, conn: Any, value: bytes) -> None:
+            seen["max"] = max(seen["max"], len(value))
+            conn.__dict__["_watched_inpbuf"] = value
+
+    SSHConnection._inpbuf = Watched()  # type: ignore[attr-defined]
     try:
         payload = os.urandom(4_000_000)
         echoed = asyncio.run(_split_reads_roundtrip("aes128-gcm@openssh.com", payload, 1 << 20))
     finally:
-        SSHConnection._recv_data = recv_data  # type: ignore[method-assign]
+        del SSHConnection._inpbuf  # type: ignore[attr-defined]
     assert echoed == payload
     assert 0 < seen["max"] <= 35_000 + 64, seen
 
