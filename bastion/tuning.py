@@ -57,10 +57,13 @@ bench.run``; results in ``bench/results/latest.md``):
     nonce handling (asyncssh's ``_update_iv``) is untouched.
     chacha20-poly1305@openssh.com: the Poly1305 key is the first 32 bytes of
     ChaCha20 block 0 and the payload is encrypted from block 1 with the same
-    key and nonce; asyncssh ran two ChaCha20 contexts for that, and copied
-    header and payload into one string to authenticate them. Now one context
-    yields block 0 and then continues at block 1 (the same key stream), and
-    Poly1305 is fed header and payload in turn. Output is byte-identical
+    key and nonce; asyncssh set up two new ChaCha20 contexts for that per
+    packet, a third for the length, and copied header and payload into one
+    string to authenticate them. Now each cipher keeps one context per key
+    and moves it to the packet's nonce (``reset_nonce``, block counter 0: the
+    same key stream as a new context; cryptography >= 43, else new contexts
+    as before); the payload context yields block 0 and then continues at
+    block 1, and Poly1305 is fed header and payload in turn. Output is byte-identical
     (``tests/test_tuning.py`` compares against asyncssh's own functions), the
     tag is still checked before anything is decrypted.
 
@@ -144,6 +147,7 @@ FINGERPRINTS = {
     "ChachaCipher.__init__": "b9689bf565276ccb",
     "ChachaCipher.encrypt_and_sign": "f9b87e5614981c32",
     "ChachaCipher.verify_and_decrypt": "0ab7b7420976f2f6",
+    "ChachaCipher.decrypt_header": "44feda66527a87d0",
     "chacha.chacha20": "8fd99dfce8c7c885",
     "chacha.poly1305_key": "c8627dfb53b0c702",
 }
@@ -179,6 +183,7 @@ def _functions() -> dict[str, Callable[..., Any]]:
         "ChachaCipher.__init__": ChachaCipher.__init__,
         "ChachaCipher.encrypt_and_sign": ChachaCipher.encrypt_and_sign,
         "ChachaCipher.verify_and_decrypt": ChachaCipher.verify_and_decrypt,
+        "ChachaCipher.decrypt_header": ChachaCipher.decrypt_header,
         "chacha.chacha20": asyncssh.crypto.chacha.chacha20,
         "chacha.poly1305_key": asyncssh.crypto.chacha.poly1305_key,
     }
@@ -349,21 +354,42 @@ def _install_reuse_aead() -> None:
 
     _replace(ChachaCipher, "encrypt_and_sign", None)
     _replace(ChachaCipher, "verify_and_decrypt", None)
+    _replace(ChachaCipher, "decrypt_header", None)
     block0 = bytes(64)  # ChaCha20 block 0: its first 32 bytes are the Poly1305 key
+    counter0 = bytes(8)  # asyncssh's ChaCha20 nonce: 64-bit block counter 0, then the seq
+    # cryptography >= 43 re-starts a context at a new nonce (block counter 0),
+    # the same key stream as a new context, without OpenSSL's cipher set-up
+    resettable = hasattr(Cipher(ChaCha20(bytes(32), bytes(16)), None).encryptor(), "reset_nonce")
 
-    def chacha_stream(key: bytes, nonce: bytes) -> tuple[Any, bytes]:
-        """A ChaCha20 context at block 1 and the Poly1305 key from block 0."""
-        stream = Cipher(ChaCha20(key, bytes(8) + nonce), mode=None).encryptor()
+    def chacha_context(self: ChachaCipher, which: int, nonce: bytes) -> Any:
+        """ChaCha20 at block 0 of ``nonce``, keyed with ``_adkey`` (0) or ``_key`` (1)."""
+        key = self._adkey if which == 0 else self._key
+        if not resettable:
+            return Cipher(ChaCha20(key, counter0 + nonce), mode=None).encryptor()
+        contexts = self.__dict__.get("_bastion_contexts")
+        if contexts is None:
+            contexts = tuple(
+                Cipher(ChaCha20(k, bytes(16)), mode=None).encryptor()
+                for k in (self._adkey, self._key)
+            )
+            self._bastion_contexts = contexts  # type: ignore[attr-defined]
+        context = contexts[which]
+        context.reset_nonce(counter0 + nonce)
+        return context
+
+    def chacha_stream(self: ChachaCipher, nonce: bytes) -> tuple[Any, bytes]:
+        """The payload context at block 1 and the Poly1305 key from block 0."""
+        stream = chacha_context(self, 1, nonce)
         return stream, stream.update(block0)[:32]
 
-    def chacha_header(key: bytes, header: bytes, nonce: bytes) -> bytes:
-        return Cipher(ChaCha20(key, bytes(8) + nonce), mode=None).encryptor().update(header)
+    def chacha_decrypt_header(self: ChachaCipher, header: bytes, nonce: bytes) -> bytes:
+        return chacha_context(self, 0, nonce).update(header)  # type: ignore[no-any-return]
 
     def chacha_encrypt_and_sign(
         self: ChachaCipher, header: bytes, data: bytes, nonce: bytes
     ) -> tuple[bytes, bytes]:
-        header = chacha_header(self._adkey, header, nonce)
-        stream, poly_key = chacha_stream(self._key, nonce)
+        header = chacha_context(self, 0, nonce).update(header)
+        stream, poly_key = chacha_stream(self, nonce)
         data = stream.update(data)
         mac = Poly1305(poly_key)
         mac.update(header)
@@ -373,7 +399,7 @@ def _install_reuse_aead() -> None:
     def chacha_verify_and_decrypt(
         self: ChachaCipher, header: bytes, data: bytes, nonce: bytes, tag: bytes
     ) -> bytes | None:
-        stream, poly_key = chacha_stream(self._key, nonce)
+        stream, poly_key = chacha_stream(self, nonce)
         mac = Poly1305(poly_key)
         mac.update(header)
         mac.update(data)
@@ -385,6 +411,7 @@ def _install_reuse_aead() -> None:
 
     ChachaCipher.encrypt_and_sign = chacha_encrypt_and_sign  # type: ignore[method-assign]
     ChachaCipher.verify_and_decrypt = chacha_verify_and_decrypt  # type: ignore[method-assign]
+    ChachaCipher.decrypt_header = chacha_decrypt_header  # type: ignore[method-assign]
 
 
 def _install(features: frozenset[str]) -> None:
