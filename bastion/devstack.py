@@ -506,7 +506,7 @@ AcceptEnv LANG LC_* BASTION_TEST_*
 Subsystem sftp internal-sftp
 LogLevel VERBOSE
 MaxStartups 200:30:400
-MaxSessions 100
+MaxSessions {max_sessions}
 """
 
 
@@ -520,6 +520,8 @@ class SshdHost:
     user_ca_keys: list[Path]
     port: int = 0
     process: Process | None = None
+    # sshd's limit of sessions per connection (hardened hosts set 1 or 2)
+    max_sessions: int = 100
     host_key: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -550,6 +552,7 @@ class SshdHost:
                 host_key=self.host_key,
                 workdir=self.workdir,
                 user_ca_keys=ca_file,
+                max_sessions=self.max_sessions,
             )
         )
         sshd = sshd_bin()

@@ -76,6 +76,10 @@ class _Endpoint(Protocol):
 
 
 OpenUpstream = Callable[[], Awaitable[asyncssh.SSHClientConnection]]
+# after a connection refused the channel: another connection to try, or None
+ReopenUpstream = Callable[
+    [asyncssh.SSHClientConnection], Awaitable[asyncssh.SSHClientConnection | None]
+]
 
 
 class SessionRelay(asyncssh.SSHServerSession[bytes]):
@@ -87,8 +91,10 @@ class SessionRelay(asyncssh.SSHServerSession[bytes]):
         env_allow: Sequence[str],
         stats: RelayStats,
         on_end: Callable[[RelayStats], None],
+        reopen_upstream: ReopenUpstream | None = None,
     ) -> None:
         self._open_upstream = open_upstream
+        self._reopen_upstream = reopen_upstream
         self._env_allow = env_allow
         self.stats = stats
         self._on_end = on_end
@@ -221,7 +227,16 @@ class SessionRelay(asyncssh.SSHServerSession[bytes]):
             try:
                 up, _ = await conn.create_session(lambda: _UpstreamSession(self), command, **kwargs)
             except asyncssh.ChannelOpenError as exc:
-                raise BastionError(f"the host refused the session: {exc.reason}") from None
+                # refused before anything ran: safe to try once more elsewhere
+                other = await self._reopen_upstream(conn) if self._reopen_upstream else None
+                if other is None:
+                    raise BastionError(f"the host refused the session: {exc.reason}") from None
+                try:
+                    up, _ = await other.create_session(
+                        lambda: _UpstreamSession(self), command, **kwargs
+                    )
+                except asyncssh.ChannelOpenError as again:
+                    raise BastionError(f"the host refused the session: {again.reason}") from None
         except asyncio.CancelledError:
             raise
         except BastionError as exc:

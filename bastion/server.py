@@ -58,6 +58,7 @@ class Connector(Protocol):
         key_id: str,
         password: str | None = None,
         agent_path: str | None = None,
+        private: bool = False,
     ) -> UpstreamLease: ...
 
 
@@ -90,6 +91,8 @@ class BastionConnection(asyncssh.SSHServer):
         self._dest: Destination | None = None
         self._upstream: asyncssh.SSHClientConnection | None = None
         self._lease: UpstreamLease | None = None
+        # leases given up for a private connection, released with this connection
+        self._spent_leases: list[UpstreamLease] = []
         self._listeners: list[asyncssh.SSHListener] = []
         self._upstream_lock = asyncio.Lock()
         self._upstream_error: BastionError | None = None
@@ -124,10 +127,11 @@ class BastionConnection(asyncssh.SSHServer):
         self._registry.remove(self)
         for listener in self._listeners:
             listener.close()
-        if self._lease is not None:
-            # channels relayed for this connection close with it; a shared
-            # upstream connection lives on for the person's next login
-            self._lease.release()
+        # channels relayed for this connection close with it; a shared
+        # upstream connection lives on for the person's next login
+        for lease in [*self._spent_leases, self._lease]:
+            if lease is not None:
+                lease.release()
         if self._channels == 0:
             outcome = (
                 "refused"
@@ -217,7 +221,7 @@ class BastionConnection(asyncssh.SSHServer):
 
     # -- the upstream connection (one per person's connection) ---------------
 
-    async def _connect_upstream(self, password: str | None = None) -> None:
+    async def _connect_upstream(self, password: str | None = None, private: bool = False) -> None:
         """Route, then take an upstream connection (sets ``_lease`` and ``_upstream``)."""
         started = time.monotonic()
         try:
@@ -232,6 +236,7 @@ class BastionConnection(asyncssh.SSHServer):
                 key_id=f"bastion:{self.user}:{self.conn_id}",
                 password=password,
                 agent_path=agent_path,
+                private=private,
             )
         except BastionError as exc:
             self._refusal = exc
@@ -265,6 +270,29 @@ class BastionConnection(asyncssh.SSHServer):
         async with self._upstream_lock:
             if self._upstream is None:
                 await self._connect_upstream()
+            assert self._upstream is not None
+            return self._upstream
+
+    async def private_upstream(
+        self, refused: asyncssh.SSHClientConnection
+    ) -> asyncssh.SSHClientConnection | None:
+        """A private upstream connection after ``refused`` (a shared one)
+        refused to open a channel; None when there is nothing better to try."""
+        async with self._upstream_lock:
+            if self._upstream is not None and self._upstream is not refused:
+                return self._upstream  # another channel replaced it already
+            lease = self._lease
+            if lease is None or not lease.shared:
+                return None
+            lease.retire()
+            self._spent_leases.append(lease)
+            self._lease = self._upstream = None
+            log.info(
+                "%s refused a channel on a shared connection for %s; opening a private one",
+                self._dest.label if self._dest else "the host",
+                self.user,
+            )
+            await self._connect_upstream(private=True)
             assert self._upstream is not None
             return self._upstream
 
@@ -307,6 +335,7 @@ class BastionConnection(asyncssh.SSHServer):
             self._ctx.settings.env_allow,
             self._channel_stats("session"),
             self._channel_ended,
+            reopen_upstream=self.private_upstream,
         )
 
     def connection_requested(

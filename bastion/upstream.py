@@ -263,6 +263,11 @@ class UpstreamLease:
         self._shared = shared
         self._released = False
 
+    @property
+    def shared(self) -> bool:
+        """Whether the pool may hand this connection to another login."""
+        return self._shared is not None and not self._shared.retired
+
     def retire(self) -> None:
         """No one else may use this connection (e.g. it now carries a remote forward)."""
         if self._shared is not None:
@@ -290,9 +295,12 @@ class UpstreamPool:
     bastion→host handshake is skipped. Never shared: password logins (the
     password is checked per login), connections that forward the person's
     agent (the agent belongs to one client connection) or carry a remote
-    forward. A connection is not handed out once ``max_age`` seconds old
-    (at most the certificate lifetime), nor to more than ``max_shared``
-    person connections at once (sshd's MaxSessions defaults to 10).
+    forward. A host that refuses a channel on a shared connection (sshd's
+    ``MaxSessions``, 10 by default, 1 on some hardened hosts) stops it
+    being shared, and the login gets a private connection instead. A
+    connection is not handed out once ``max_age`` seconds old (at most the
+    certificate lifetime), nor to more than ``max_shared`` person
+    connections at once.
     """
 
     def __init__(
@@ -325,10 +333,18 @@ class UpstreamPool:
         key_id: str,
         password: str | None = None,
         agent_path: str | None = None,
+        private: bool = False,
     ) -> UpstreamLease:
         """A connection to ``dest`` as ``dest.login`` for ``user``; raises like
-        :meth:`UpstreamConnector.connect`."""
-        shareable = self.idle > 0 and password is None and agent_path is None and not self._closed
+        :meth:`UpstreamConnector.connect`. ``private``: a new connection that
+        is never shared."""
+        shareable = (
+            self.idle > 0
+            and not private
+            and password is None
+            and agent_path is None
+            and not self._closed
+        )
         key = (user, dest.host, dest.port, dest.login)
         if shareable:
             found = self._pick(key)

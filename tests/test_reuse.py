@@ -184,3 +184,50 @@ def test_idle_connection_closes_and_reuse_can_be_turned_off(
         assert len(ports) == 3
     finally:
         off.stop()
+
+
+def test_host_with_max_sessions_1_gets_a_private_connection(
+    tmp_path: Path,
+    bastion: BastionProcess,
+    consul: ConsulAgent,
+    local_ca: Path,
+    vault: VaultSetup,
+    people: dict[str, Person],
+    restore_routes: None,
+) -> None:
+    """A hardened host allows one session per connection: a second login
+    while the first is open must not fail on the shared connection."""
+    ca_keys = [local_ca.with_suffix(".pub"), vault.user_ca_pub]
+    host = SshdHost("host-103", "127.0.1.103", tmp_path / "host-103", ca_keys, max_sessions=1)
+    host.start()
+    try:
+        consul.register_node("host-103", host.address)
+        consul.kv_put("host-keys/host-103", host.host_pubkey)
+        consul.kv_put("users/alice", f"host-103:{host.port}")
+        time.sleep(1.0)
+        alice = people["alice"]
+        argv = ssh_command(
+            port=bastion.port,
+            user="alice",
+            identity=alice.key,
+            command=['echo "$SSH_CONNECTION"; sleep 10'],
+        )
+        holder = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        try:
+            assert holder.stdout is not None
+            first = holder.stdout.readline().decode().split()
+            assert first, "the first session printed nothing"
+            name, port = upstream_port(bastion, alice)  # fails (255) without the fallback
+            assert name == "host-103"
+            assert port != first[1]
+            # the refusing connection is not shared any more: a third login
+            # while the first still runs gets a connection of its own too
+            assert upstream_port(bastion, alice)[0] == "host-103"
+        finally:
+            holder.terminate()
+            holder.communicate(timeout=10)
+    finally:
+        consul.kv_delete("host-keys/host-103")
+        host.stop()
