@@ -16,7 +16,7 @@ import signal
 from bastion.audit import AuditLog
 from bastion.auth import KeyDirectory
 from bastion.config import Settings, env_token, read_secret_file
-from bastion.credentials import VaultClient, build_signer
+from bastion.credentials import CertificateSigner, VaultClient, build_signer
 from bastion.errors import BastionError, ConfigError
 from bastion.metrics import Metrics
 from bastion.routing import ConsulDirectory
@@ -24,6 +24,9 @@ from bastion.server import BastionServer, ServerContext
 from bastion.tuning import apply as apply_tuning
 from bastion.tuning import features_from_env as tuning_features
 from bastion.upstream import HostKeyPolicy, UpstreamConnector, UpstreamPool
+
+# the principal of the certificate minted at start to check signing works
+SELF_CHECK_PRINCIPAL = "bastion-self-check"
 
 log = logging.getLogger("bastion")
 
@@ -91,6 +94,8 @@ class Application:
             if (s.vault.enabled or s.upstream.ca_key is not None)
             else None
         )
+        if signer is not None:
+            await _check_signing(signer)
         directory = self.directory
         host_keys = HostKeyPolicy(
             s.upstream.known_hosts,
@@ -129,6 +134,25 @@ class Application:
         if self.vault is not None:
             await self.vault.aclose()
         self.audit.close()
+
+
+async def _check_signing(signer: CertificateSigner) -> None:
+    """Mint one throwaway certificate at start, so that a signer that would
+    refuse every login (a ``cert_ttl`` above the Vault role's ``max_ttl``, a
+    policy without ``sign``, a wrong mount) is reported now, not at the first
+    login. Not fatal: Vault may be down for a moment and come back."""
+    try:
+        await signer.issue(SELF_CHECK_PRINCIPAL, "bastion:self-check")
+    except BastionError as exc:
+        log.error(
+            "certificate signing self-check failed, logins will fail until it is fixed: %s "
+            "(the probe asks for principal %r; a role that restricts allowed_users refuses "
+            "it even when logins would work)",
+            exc.detail,
+            SELF_CHECK_PRINCIPAL,
+        )
+    else:
+        log.info("certificate signing self-check passed")
 
 
 async def serve(settings: Settings, drain_timeout: float = 10.0) -> None:

@@ -479,3 +479,30 @@ def test_never_loaded_directory_refuses_with_reason(
         assert b"no routing table loaded yet" in result.stderr, result.stderr
     finally:
         proc.stop()
+
+
+def test_signing_that_would_fail_every_login_is_reported_at_start(
+    tmp_path: Path,
+    bastion: BastionProcess,
+    consul: ConsulAgent,
+    consul_tokens: ConsulTokens,
+    vault: VaultSetup,
+    known_hosts: Path,
+    people: dict[str, Person],
+) -> None:
+    # the session bastion's self-check passed
+    assert "certificate signing self-check passed" in bastion.log.read_text()
+    # cert_ttl above the Vault role's max_ttl (10 min): Vault refuses every signing
+    sections = bastion_sections(consul_tokens, consul, known_hosts, vault)
+    sections["upstream"].update(cert_ttl=3600, reuse_idle=0)
+    proc = BastionProcess(tmp_path / "bastion", sections).start()
+    try:
+        log = proc.log.read_text()
+        assert "certificate signing self-check failed" in log, log[-2000:]
+        assert "ttl" in log.split("self-check failed", 1)[1].splitlines()[0]
+        # and it is what a login then meets
+        refused = ssh(proc.port, "alice", people["alice"].key, "hostname")
+        assert refused.returncode == 255
+        assert refused.stdout == b""
+    finally:
+        proc.stop()
