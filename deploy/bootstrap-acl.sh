@@ -35,13 +35,14 @@
 #     in Vault/OpenBao KV v2 at PATH, field "token" (bao or vault CLI, else
 #     curl; PATH's first component is taken as the KV v2 mount with curl).
 #
-# Needs: bash, coreutils (timeout, mktemp), sed, awk, the consul CLI. To read the agent's
-# node name from /v1/agent/self it uses curl, else python3; without either,
-# pass --agent-node. Secrets never go to stdout/stderr unless --print-secrets.
-# Limitation of the consul CLI: `acl token create -secret` and `acl
+# Needs: bash, coreutils (timeout, mktemp), sed, awk, the consul CLI, and curl
+# or python3 for the HTTP API. Secrets never go to stdout/stderr unless
+# --print-secrets, and never into a process's arguments: tokens are created
+# and the agent token set over the HTTP API, with the management token in a
+# header read from a pipe and the body on stdin. (Without curl and python3 the
+# consul CLI is used instead; its `acl token create -secret` and `acl
 # set-agent-token` take the secret as an argument, visible in the process
-# list for the few milliseconds the command runs. Run this on a host where
-# other users cannot watch (or with /proc mounted hidepid=2).
+# list for the few milliseconds they run; pass --agent-node then, too.)
 set -euo pipefail
 umask 077
 export LC_ALL=C
@@ -178,21 +179,107 @@ retryable() {
   return 1
 }
 
+# consul_url PATH: the URL of PATH on the agent (fails for a unix socket).
+consul_url() {
+  local addr="$CONSUL_ADDR"
+  case "$addr" in
+    http://*|https://*) printf '%s%s\n' "${addr%/}" "$1" ;;
+    unix://*) return 1 ;;
+    *) if [ "${CONSUL_HTTP_SSL:-}" = "true" ]; then printf 'https://%s%s\n' "$addr" "$1"
+       else printf 'http://%s%s\n' "$addr" "$1"; fi ;;
+  esac
+}
+
+# curl's TLS options from the CONSUL_* variables (into the array TLS_ARGS).
+tls_args() {
+  TLS_ARGS=()
+  [ -n "${CONSUL_CACERT:-}" ] && TLS_ARGS+=(--cacert "$CONSUL_CACERT")
+  [ -n "${CONSUL_CLIENT_CERT:-}" ] && TLS_ARGS+=(--cert "$CONSUL_CLIENT_CERT")
+  [ -n "${CONSUL_CLIENT_KEY:-}" ] && TLS_ARGS+=(--key "$CONSUL_CLIENT_KEY")
+  [ "${CONSUL_HTTP_SSL_VERIFY:-true}" = "false" ] && TLS_ARGS+=(-k)
+  return 0
+}
+
+# http_send METHOD PATH < BODY: Consul's answer on stdout, status 0 for a 2xx
+# answer, 1 for an error (Consul's error text is the output), 2 when there is
+# neither curl nor python3. The management token goes in a header read from a
+# pipe, the body (which may hold a secret) on stdin: neither is ever in a
+# process's arguments.
+http_send() {
+  local method="$1" url resp code
+  url="$(consul_url "$2")" || return 2
+  if command -v curl >/dev/null 2>&1; then
+    tls_args
+    resp="$(curl -sS --max-time 10 -X "$method" "${TLS_ARGS[@]}" --data-binary @- \
+              -H @<(printf 'X-Consul-Token: %s\n' "$CONSUL_HTTP_TOKEN") \
+              -w '\n%{http_code}' "$url" 2>&1)" || { printf '%s\n' "$resp"; return 1; }
+  elif command -v python3 >/dev/null 2>&1; then
+    resp="$(python3 -c '
+import os, ssl, sys, urllib.error, urllib.request
+ctx = ssl.create_default_context(cafile=os.environ.get("CONSUL_CACERT") or None)
+req = urllib.request.Request(sys.argv[2], data=sys.stdin.buffer.read(), method=sys.argv[1],
+                             headers={"X-Consul-Token": os.environ["CONSUL_HTTP_TOKEN"]})
+try:
+    with urllib.request.urlopen(req, timeout=10, context=ctx) as r:
+        body, code = r.read().decode(), r.status
+except urllib.error.HTTPError as e:
+    body, code = e.read().decode(), e.code
+sys.stdout.write(body + "\n" + str(code))
+' "$method" "$url" 2>&1)" || { printf '%s\n' "$resp"; return 1; }
+  else
+    return 2
+  fi
+  code="${resp##*$'\n'}"
+  printf '%s\n' "${resp%$'\n'*}"
+  [[ "$code" == 2?? ]]
+}
+
+# json_str VALUE: VALUE as a JSON string (quotes and backslashes escaped).
+json_str() {
+  local v="${1//\\/\\\\}"
+  v="${v//\"/\\\"}"
+  printf '"%s"' "$v"
+}
+
+# token_body ACCESSOR SECRET DESCRIPTION LINK...: the JSON for PUT /v1/acl/token.
+token_body() {
+  local acc="$1" sec="$2" desc="$3" l n policies="" nodes=""
+  shift 3
+  for l in "$@"; do
+    case "$l" in
+      policy:*) policies+="${policies:+,}{\"Name\":$(json_str "${l#policy:}")}" ;;
+      node:*) n="${l#node:}"
+              nodes+="${nodes:+,}{\"NodeName\":$(json_str "${n%%:*}"),\"Datacenter\":$(json_str "${n#*:}")}" ;;
+      *) die "internal: bad link $l" ;;
+    esac
+  done
+  printf '{"AccessorID":%s,"SecretID":%s,"Description":%s,"Policies":[%s],"NodeIdentities":[%s]}\n' \
+    "$(json_str "$acc")" "$(json_str "$sec")" "$(json_str "$desc")" "$policies" "$nodes"
+}
+
+# create_token ACCESSOR SECRET DESCRIPTION LINK...: Consul's answer (or error
+# text) on stdout; the HTTP API, or the CLI when there is no HTTP client.
+create_token() {
+  local acc="$1" sec="$2" desc="$3" rc=0
+  shift 3
+  token_body "$acc" "$sec" "$desc" "$@" | http_send PUT /v1/acl/token || rc=$?
+  if [ "$rc" -eq 2 ]; then
+    link_args "$@"
+    c acl token create -accessor "$acc" -secret "$sec" -description "$desc" \
+      "${LINK_ARGS[@]}" 2>&1 || return 1
+    return 0
+  fi
+  return "$rc"
+}
+
 # GET a Consul HTTP path with the management token (curl, else python3).
 http_get() {
-  local url addr="$CONSUL_ADDR"
-  case "$addr" in
-    http://*|https://*) url="${addr%/}$1" ;;
-    unix://*) return 1 ;;
-    *) if [ "${CONSUL_HTTP_SSL:-}" = "true" ]; then url="https://$addr$1"; else url="http://$addr$1"; fi ;;
-  esac
+  local url
+  url="$(consul_url "$1")" || return 1
   if command -v curl >/dev/null 2>&1; then
-    local args=(-sS --fail --max-time 10 -H @-)
-    [ -n "${CONSUL_CACERT:-}" ] && args+=(--cacert "$CONSUL_CACERT")
-    [ -n "${CONSUL_CLIENT_CERT:-}" ] && args+=(--cert "$CONSUL_CLIENT_CERT")
-    [ -n "${CONSUL_CLIENT_KEY:-}" ] && args+=(--key "$CONSUL_CLIENT_KEY")
-    [ "${CONSUL_HTTP_SSL_VERIFY:-true}" = "false" ] && args+=(-k)
-    printf 'X-Consul-Token: %s\n' "$CONSUL_HTTP_TOKEN" | curl "${args[@]}" "$url"
+    tls_args
+    printf 'X-Consul-Token: %s\n' "$CONSUL_HTTP_TOKEN" \
+      | curl -sS --fail --max-time 10 -H @- "${TLS_ARGS[@]}" "$url"
   elif command -v python3 >/dev/null 2>&1; then
     python3 - "$url" <<'PY'
 import os, ssl, sys, urllib.request
@@ -393,8 +480,7 @@ ensure_token() {
   want="$(printf '%s\n' "$@" | sort)"
   link_args "$@"
   if ! read_token "$acc"; then
-    if ! out="$(c acl token create -accessor "$acc" -secret "$sec" -description "$desc" \
-                "${LINK_ARGS[@]}" 2>&1)"; then
+    if ! out="$(create_token "$acc" "$sec" "$desc" "$@")"; then
       case "$out" in
         *"already in use"*|*"already exists"*)
           die "creating token $actor: its secret in $sec_file already belongs to another token (restore $acc_file, or remove both files to make a new token)" ;;
@@ -420,8 +506,7 @@ ensure_token() {
     # current Consul keeps links a `token update` does not mention
     out="$(c acl token delete -id "$acc" 2>&1)" \
       || die "deleting token $actor for re-creation failed: $(printf '%s' "$out" | oneline)"
-    out="$(c acl token create -accessor "$acc" -secret "$sec" -description "$desc" \
-           "${LINK_ARGS[@]}" 2>&1)" \
+    out="$(create_token "$acc" "$sec" "$desc" "$@")" \
       || die "re-creating token $actor failed: $(printf '%s' "$out" | oneline)"
   fi
   say "token $actor: reset to $(words "$want") (had: $(words "$have")) -> $sec_file"
@@ -456,8 +541,14 @@ fi
 ensure_token agent "agent: Consul agent on node $AGENT_NODE (node identity)" \
   "node:$AGENT_NODE:$agent_dc"
 agent_secret="$(tr -d ' \t\r\n' < "$OUT_DIR/agent.token")"
-out="$(c acl set-agent-token agent "$agent_secret" 2>&1)" \
-  || die "consul acl set-agent-token agent failed: $(printf '%s' "$out" | oneline)"
+rc=0
+out="$(printf '{"Token":%s}\n' "$(json_str "$agent_secret")" \
+       | http_send PUT /v1/agent/token/agent)" || rc=$?
+if [ "$rc" -eq 2 ]; then  # no HTTP client: the CLI (the secret briefly in its arguments)
+  rc=0
+  out="$(c acl set-agent-token agent "$agent_secret" 2>&1)" || rc=$?
+fi
+[ "$rc" -eq 0 ] || die "setting the agent token failed: $(printf '%s' "$out" | oneline)"
 say "agent token: set on the agent at $CONSUL_ADDR (node $AGENT_NODE, datacenter $agent_dc)"
 
 # --- 5. Vault / OpenBao -------------------------------------------------------

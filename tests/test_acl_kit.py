@@ -743,3 +743,50 @@ def test_policy_files_use_portable_grammar() -> None:
     code = re.sub(r"#.*", "", files["bastion"])
     assert len(re.findall(r"\bpolicy\s*=", code)) == 5
     assert not re.search(r"^\s*(acl|operator|keyring)\s*=", code, re.M)
+
+
+def _argv_logging_path(tmp_path: Path, log: Path, *tools: str) -> str:
+    """A PATH whose ``tools`` log their arguments to ``log``, then run the real one."""
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    for tool in tools:
+        real = shutil.which(tool, path=f"{Path(consul_bin()).parent}:{os.environ['PATH']}")
+        assert real, tool
+        shim = shims / tool
+        shim.write_text(f'#!/bin/sh\nprintf "%s\\n" "{tool} $*" >> "{log}"\nexec "{real}" "$@"\n')
+        shim.chmod(0o755)
+    return f"{shims}:{Path(consul_bin()).parent}:{os.environ['PATH']}"
+
+
+def test_no_secret_is_ever_in_a_process_argument_list(tmp_path: Path) -> None:
+    """Tokens are created and the agent token set over the HTTP API with the
+    secrets on stdin and in a piped header: `ps` never shows one."""
+    agent = started_agent(tmp_path / "consul")
+    try:
+        log = tmp_path / "argv.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CONSUL_")}
+        env["CONSUL_HTTP_ADDR"] = agent.http_addr
+        env["PATH"] = _argv_logging_path(tmp_path, log, "consul", "curl", "python3")
+        out = tmp_path / "out"
+        res = subprocess.run(
+            ["bash", str(ROOT / "deploy/bootstrap-acl.sh"), "--out", str(out)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
+        assert res.returncode == 0, res.stdout + res.stderr
+        calls = log.read_text()
+        for secret in secrets_of(out):
+            assert secret not in calls, "a secret was in a command line"
+        assert "curl -sS --max-time 10 -X PUT" in calls  # the HTTP API did the work
+        assert "consul acl policy" in calls  # the shims saw the CLI too
+        # and the tokens work as created
+        accessor = (out / "bastion.accessor").read_text().strip()
+        management = (out / "management.token").read_text().strip()
+        status, tok = agent.api("GET", f"/v1/acl/token/{accessor}", token=management)
+        assert status == 200
+        assert tok["SecretID"] == (out / "bastion.token").read_text().strip()
+    finally:
+        agent.stop()
