@@ -5,6 +5,7 @@ every section of the results; numbers are checked for presence and sign only
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -83,3 +84,35 @@ def test_quick_bench_writes_every_section(tmp_path: Path) -> None:
 
     names = [t["target"] for t in results["targets"]]
     assert len(names) == 20 and all(t["value"] is not None for t in results["targets"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_ab_comparison_runs() -> None:
+    """``python -m bench.ab`` (two bastions, alternating) still works; tiny sizes."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.ab",
+            "--b-tuning",
+            "none",
+            "--mib",
+            "4",
+            "--reps",
+            "2",
+            "--directions",
+            "download,upload",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=170,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = re.findall(r"^(\w+) +(A|B|A -J|B -J) +(\d+) MB/s", proc.stdout, re.MULTILINE)
+    assert {(d, n) for d, n, _ in rows} == {
+        (d, n) for d in ("download", "upload") for n in ("A", "B", "A -J", "B -J")
+    }, proc.stdout
+    assert all(int(rate) > 0 for _, _, rate in rows), proc.stdout
