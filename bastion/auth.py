@@ -62,10 +62,13 @@ class KeyDirectory:
                     self._ca_lines.append(f"cert-authority {line}")
 
     def authorized_keys(
-        self, username: str
+        self, username: str, *, agent_forwarding: bool = True
     ) -> tuple[asyncssh.SSHAuthorizedKeys | None, BastionError | None]:
         """The keys ``username`` may log in with (None: none at all), and the
-        directory's problem if it could not be asked."""
+        directory's problem if it could not be asked. Without
+        ``agent_forwarding`` every key carries ``no-agent-forwarding``, so
+        that asyncssh refuses the client's agent request instead of opening
+        an agent socket on the bastion that policy would never use."""
         if not valid_username(username):
             return None, None
         problem: BastionError | None = None
@@ -85,7 +88,23 @@ class KeyDirectory:
                 pass
             except OSError as exc:
                 log.warning("cannot read %s: %s", path, exc.strerror)
+        if not agent_forwarding:
+            lines = [_deny_agent(line) for line in lines]
         return _import_lines(lines, username), problem
+
+
+# the key types an authorized_keys line without options starts with
+_KEY_TYPE_RE = re.compile(r"^(ssh-|ecdsa-|sk-)")
+
+
+def _deny_agent(line: str) -> str:
+    """``line`` with the ``no-agent-forwarding`` option added (sshd's syntax)."""
+    line = line.strip()
+    if not line or line.startswith("#"):
+        return line
+    if _KEY_TYPE_RE.match(line):
+        return f"no-agent-forwarding {line}"
+    return f"no-agent-forwarding,{line}"  # joins the options field already there
 
 
 def _import_lines(lines: list[str], username: str) -> asyncssh.SSHAuthorizedKeys | None:

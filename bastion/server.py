@@ -162,7 +162,9 @@ class BastionConnection(asyncssh.SSHServer):
 
     def begin_auth(self, username: str) -> bool:
         self.user = username
-        keys, problem = self._ctx.keys.authorized_keys(username)
+        keys, problem = self._ctx.keys.authorized_keys(
+            username, agent_forwarding=self._policy_allows("agent_forwarding")
+        )
         if self.conn is None:
             return True
         if keys is not None:

@@ -249,11 +249,48 @@ def test_agent_forwarding_by_policy(
     # off by default: no agent on the target
     off = run(argv, env=agent)
     assert b"rc=2" in off.stdout, off
+    # ... and none on the bastion either: the request is refused, no socket is made
+    assert _bastion_agent_sockets_during(bastion, alice, agent) == 0
     put_entry(consul, "alice", {"route": route(hosts, "host-102"), "agent_forwarding": True})
     on = run(argv, env=agent)
     assert on.returncode == 0, on.stderr
     assert fingerprint(alice) in on.stdout
     assert b"rc=0" in on.stdout
+    assert _bastion_agent_sockets_during(bastion, alice, agent) == 1
+
+
+def _agent_sockets() -> set[str]:
+    """Paths of asyncssh's agent-forwarding sockets listening on this machine."""
+    lines = Path("/proc/net/unix").read_text().splitlines()[1:]
+    return {ln.split()[-1] for ln in lines if "/asyncssh-" in ln and ln.endswith("/agent")}
+
+
+def _bastion_agent_sockets_during(
+    bastion: BastionProcess, person: Person, env: dict[str, str]
+) -> int:
+    """How many agent sockets appear while ``ssh -A`` holds a session open."""
+    before = _agent_sockets()
+    argv = devstack.ssh_command(
+        port=bastion.port,
+        user=person.name,
+        identity=person.key,
+        extra=["-A"],
+        command=["echo ready; sleep 5"],
+    )
+    holder = subprocess.Popen(
+        argv,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == b"ready\n"
+        return len(_agent_sockets() - before)
+    finally:
+        holder.terminate()
+        holder.communicate(timeout=10)
 
 
 def wait_record(
