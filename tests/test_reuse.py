@@ -7,10 +7,11 @@ names the bastion's source port, one per upstream TCP connection.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,31 @@ def upstream_port(bastion: BastionProcess, person: Person) -> tuple[str, str]:
     assert result.returncode == 0, result.stderr
     host, _client_ip, client_port, *_ = result.stdout.decode().split()
     return host, client_port
+
+
+@contextlib.contextmanager
+def held_session(
+    bastion: BastionProcess, person: Person, extra: Sequence[str] = ()
+) -> Iterator[str]:
+    """A session kept open through the bastion; yields the source port the host saw."""
+    argv = ssh_command(
+        port=bastion.port,
+        user=person.name,
+        identity=person.key,
+        extra=extra,
+        command=['echo "$SSH_CONNECTION"; sleep 20'],
+    )
+    holder = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        assert holder.stdout is not None
+        line = holder.stdout.readline().decode().split()
+        assert line, "the held session printed nothing"
+        yield line[1]
+    finally:
+        holder.terminate()
+        holder.communicate(timeout=10)
 
 
 @pytest.fixture
@@ -112,26 +138,10 @@ def test_connection_with_a_remote_forward_is_not_shared(
     )
     time.sleep(1.0)
     rport = devstack.free_port()
-    argv = ssh_command(
-        port=bastion.port,
-        user="alice",
-        identity=alice.key,
-        extra=["-o", "ExitOnForwardFailure=yes", "-R", f"127.0.0.1:{rport}:127.0.0.1:9"],
-        command=['echo "$SSH_CONNECTION"; sleep 20'],
-    )
-    holder = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    try:
-        assert holder.stdout is not None
-        line = holder.stdout.readline().decode().split()
-        assert line, "the -R session printed nothing"
-        forward_port = line[1]
+    forward = ["-o", "ExitOnForwardFailure=yes", "-R", f"127.0.0.1:{rport}:127.0.0.1:9"]
+    with held_session(bastion, alice, forward) as forward_port:
         _, port = upstream_port(bastion, alice)
         assert port != forward_port, "a login was put on the connection carrying -R"
-    finally:
-        holder.terminate()
-        holder.communicate(timeout=10)
 
 
 def _private_bastion(
@@ -206,28 +216,13 @@ def test_host_with_max_sessions_1_gets_a_private_connection(
         consul.kv_put("users/alice", f"host-103:{host.port}")
         time.sleep(1.0)
         alice = people["alice"]
-        argv = ssh_command(
-            port=bastion.port,
-            user="alice",
-            identity=alice.key,
-            command=['echo "$SSH_CONNECTION"; sleep 10'],
-        )
-        holder = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
-        try:
-            assert holder.stdout is not None
-            first = holder.stdout.readline().decode().split()
-            assert first, "the first session printed nothing"
+        with held_session(bastion, alice) as first_port:
             name, port = upstream_port(bastion, alice)  # fails (255) without the fallback
             assert name == "host-103"
-            assert port != first[1]
+            assert port != first_port
             # the refusing connection is not shared any more: a third login
             # while the first still runs gets a connection of its own too
             assert upstream_port(bastion, alice)[0] == "host-103"
-        finally:
-            holder.terminate()
-            holder.communicate(timeout=10)
     finally:
         consul.kv_delete("host-keys/host-103")
         host.stop()
