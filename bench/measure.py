@@ -7,6 +7,7 @@ import os
 import signal
 import statistics
 import subprocess
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -101,6 +102,47 @@ def descendants(pid: int) -> list[int]:
             out.append(child)
             todo.append(child)
     return out
+
+
+class TreeCpu:
+    """CPU seconds used by the descendants of ``root`` between ``start()`` and
+    ``stop()``, sampled every 50 ms: an OpenSSH server's per-connection
+    processes come and go with the connection, and the master reaps none of
+    them into its own counters in time to be read."""
+
+    def __init__(self, root: int) -> None:
+        self._root = root
+        self._peak: dict[int, float] = {}
+        self._before: dict[int, float] = {}
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    @staticmethod
+    def _cpu(pid: int) -> float | None:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            return None
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def _sample(self) -> None:
+        while not self._done.is_set():
+            for pid in descendants(self._root):
+                cpu = self._cpu(pid)
+                if cpu is not None:
+                    self._peak[pid] = max(self._peak.get(pid, 0.0), cpu)
+            self._done.wait(0.05)
+
+    def start(self) -> None:
+        for pid in descendants(self._root):
+            self._before[pid] = self._cpu(pid) or 0.0
+        self._thread.start()
+
+    def stop(self) -> float:
+        self._done.set()
+        self._thread.join()
+        return sum(cpu - self._before.get(pid, 0.0) for pid, cpu in self._peak.items())
 
 
 def run_ssh(

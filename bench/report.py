@@ -296,17 +296,20 @@ def markdown(results: dict[str, Any]) -> str:
 
     cpu = results.get("cpu_per_gb")
     if cpu:
-        w("## 6. Bastion CPU seconds per relayed GB (median (min-max))")
+        w("## 6. CPU seconds per relayed GB (median (min-max))")
         w("")
         w("| cipher | path | download | upload | both ways |")
         w("|---|---|---|---|---|")
         for cipher in ("aes128-gcm", "default"):
-            for path in ("bastion", "bastion_jump"):
+            for path in ("bastion", "bastion_jump", "openssh_jump"):
+                if _get(cpu, cipher, "download", path) is None:
+                    continue
                 cells = [
                     _stat(_get(cpu, cipher, d, path, "cpu_s_per_gb"))
                     for d in ("download", "upload", "both")
                 ]
-                w(f"| {cipher} | {PATH_NAMES[path]} | {' | '.join(cells)} |")
+                title = "OpenSSH jump host's sshd" if path == "openssh_jump" else PATH_NAMES[path]
+                w(f"| {cipher} | {title} | {' | '.join(cells)} |")
         w("")
         w(f"Method: {cpu.get('method', '')}.")
         w("")

@@ -41,6 +41,7 @@ from bench import propagation, report, signing
 from bench.measure import (
     MB,
     BenchError,
+    TreeCpu,
     cpu_seconds,
     descendants,
     machine_busy_seconds,
@@ -59,6 +60,8 @@ MiB = 1 << 20
 DIRECTIONS = ("download", "upload", "both")
 PATHS = ("openssh_direct", "openssh_jump", "bastion", "bastion_jump")
 BASTION_PATHS = ("bastion", "bastion_jump")
+# CPU per GB: the bastion's two paths and the OpenSSH jump host's sshd
+CPU_PATHS = (*BASTION_PATHS, "openssh_jump")
 # logins also through a bastion with upstream reuse off
 LOGIN_PATHS = (*PATHS, "bastion_fresh")
 LOGIN_BASTION_PATHS = (*BASTION_PATHS, "bastion_fresh")
@@ -149,8 +152,10 @@ def _check_audit(stack: BenchStack, lines_before: int, path: str, up: int, down:
 
 
 def throughput(stack: BenchStack, plan: Plan) -> tuple[dict[str, Any], dict[str, Any]]:
-    assert stack.bastion is not None
+    assert stack.bastion is not None and stack.jump is not None
+    assert stack.jump.process is not None
     pid = _bastion_pid(stack)
+    jump_pid = stack.jump.process.pid
     sizes = {"download": plan.download, "upload": plan.upload, "both": plan.both}
     out: dict[str, Any] = {}
     cpu: dict[str, Any] = {}
@@ -162,21 +167,29 @@ def throughput(stack: BenchStack, plan: Plan) -> tuple[dict[str, Any], dict[str,
             size = sizes[direction]
             up, down = _expected_bytes(direction, size)
             rates: dict[str, list[float]] = {p: [] for p in PATHS}
-            cpu_gb: dict[str, list[float]] = {p: [] for p in BASTION_PATHS}
+            cpu_gb: dict[str, list[float]] = {p: [] for p in CPU_PATHS}
             for rep in range(plan.reps):
                 for path in _rotate(PATHS, rep):
                     audit_lines = len(wait_for_lines(stack.bastion.audit_file, 0, 0))
                     c0 = cpu_seconds(pid)
+                    # the OpenSSH jump host's sshd processes, measured the same way
+                    jump_cpu = TreeCpu(jump_pid) if path == "openssh_jump" else None
+                    if jump_cpu is not None:
+                        jump_cpu.start()
                     try:
                         seconds = _transfer(paths[path], direction, size)
                     except BenchError as exc:
                         _failed("throughput", f"{cipher} {direction} {path}", exc)
                         continue
+                    finally:
+                        used = jump_cpu.stop() if jump_cpu is not None else 0.0
                     c1 = cpu_seconds(pid)
                     rates[path].append(size / seconds / MB)
                     if path in BASTION_PATHS:
                         _check_audit(stack, audit_lines, path, up, down)
                         cpu_gb[path].append((c1 - c0) / ((up + down) / 1e9))
+                    elif jump_cpu is not None:
+                        cpu_gb[path].append(used / ((up + down) / 1e9))
                     print(
                         f"[bench]   {cipher} {direction} {path}: {size / seconds / MB:.0f} MB/s",
                         flush=True,
@@ -192,12 +205,14 @@ def throughput(stack: BenchStack, plan: Plan) -> tuple[dict[str, Any], dict[str,
                 for path in PATHS
             }
             cpu[cipher][direction] = {
-                path: {"cpu_s_per_gb": summary(cpu_gb[path], 2)} for path in BASTION_PATHS
+                path: {"cpu_s_per_gb": summary(cpu_gb[path], 2)} for path in CPU_PATHS
             }
     out["bytes"] = {"download": plan.download, "upload": plan.upload, "both_each_way": plan.both}
     cpu["method"] = (
         "bastion utime+stime (/proc/PID/stat) over each transfer, divided by the payload "
-        "bytes relayed in both directions (both ways counts 2 x the size); GB = 1e9 bytes"
+        "bytes relayed in both directions (both ways counts 2 x the size); GB = 1e9 bytes. "
+        "The OpenSSH jump host: the same for its sshd processes, sampled every 50 ms "
+        "(per-connection processes come and go)"
     )
     return out, cpu
 

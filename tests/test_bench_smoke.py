@@ -79,7 +79,7 @@ def test_quick_bench_writes_every_section(tmp_path: Path) -> None:
     cpu = results["cpu_per_gb"]
     for cipher in ("aes128-gcm", "default"):
         for direction in ("download", "upload", "both"):
-            for path in ("bastion", "bastion_jump"):
+            for path in ("bastion", "bastion_jump", "openssh_jump"):
                 assert cpu[cipher][direction][path]["cpu_s_per_gb"]["median"] >= 0
 
     names = [t["target"] for t in results["targets"]]
