@@ -19,8 +19,9 @@ from typing import Any
 
 import asyncssh
 import pytest
+from asyncssh.channel import SSHChannel
 from asyncssh.connection import SSHConnection
-from asyncssh.constants import MSG_IGNORE
+from asyncssh.constants import MSG_CHANNEL_DATA, MSG_IGNORE
 from asyncssh.encryption import get_encryption
 from asyncssh.packet import SSHPacketLogger
 from conftest import Person
@@ -117,7 +118,9 @@ def test_ignore_is_redundant_only_without_iv_chaining(alg: bytes, redundant: boo
 # -- in-process: an asyncssh server and client with the patches on -----------
 
 
-async def _echo_roundtrip(alg: str, payload: bytes) -> tuple[bytes, int]:
+async def _echo_roundtrip(
+    alg: str, payload: bytes, rekey_bytes: int | None = None
+) -> tuple[bytes, int]:
     """Echo ``payload`` over one session with cipher ``alg``; (echo, IGNOREs seen)."""
     seen = {"ignore": 0}
     handlers: dict[int, Any] = SSHConnection._packet_handlers  # type: ignore[attr-defined]
@@ -156,6 +159,7 @@ async def _echo_roundtrip(alg: str, payload: bytes) -> tuple[bytes, int]:
             encoding=None,
             encryption_algs=[alg],
             config=None,
+            **({"rekey_bytes": rekey_bytes} if rekey_bytes else {}),
         )
         port = server.sockets[0].getsockname()[1]
         async with asyncssh.connect(
@@ -167,6 +171,7 @@ async def _echo_roundtrip(alg: str, payload: bytes) -> tuple[bytes, int]:
             config=None,
             agent_path=None,
             encryption_algs=[alg],
+            **({"rekey_bytes": rekey_bytes} if rekey_bytes else {}),
         ) as conn:
             result = await conn.run(input=payload, encoding=None, check=True)
         server.close()
@@ -193,6 +198,47 @@ def test_ignores_dropped_only_where_safe_and_data_intact(
     echoed, ignores = asyncio.run(_echo_roundtrip(alg, payload))
     assert hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest()
     assert (ignores > 0) is expect_ignores, ignores
+
+
+@pytest.mark.parametrize("alg", ["aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com"])
+def test_bulk_data_across_many_rekeys(tuned: None, alg: str) -> None:
+    # a rekey every 256 KiB: the fast data path must hand over to asyncssh
+    # when one comes due and carry on with the new keys
+    kexes = {"n": 0}
+    send_kexinit = SSHConnection._send_kexinit
+
+    def counting(self: SSHConnection) -> None:
+        kexes["n"] += 1
+        send_kexinit(self)
+
+    SSHConnection._send_kexinit = counting  # type: ignore[method-assign]
+    try:
+        payload = os.urandom(4 * 1024 * 1024 + 5)
+        echoed, _ = asyncio.run(_echo_roundtrip(alg, payload, rekey_bytes=256 * 1024))
+    finally:
+        SSHConnection._send_kexinit = send_kexinit  # type: ignore[method-assign]
+    assert hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest()
+    assert kexes["n"] > 10, kexes
+
+
+def test_fast_channel_data_is_what_carries_bulk_data(tuned: None) -> None:
+    # the fast path is taken (and so is what the byte checks above exercise)
+    sent = {"slow": 0}
+    send_packet = SSHChannel.send_packet
+
+    def counting(self: SSHChannel[Any], pkttype: int, *args: bytes) -> None:
+        if pkttype == MSG_CHANNEL_DATA:
+            sent["slow"] += 1
+        send_packet(self, pkttype, *args)
+
+    SSHChannel.send_packet = counting  # type: ignore[method-assign]
+    try:
+        payload = os.urandom(2 * 1024 * 1024)
+        echoed, _ = asyncio.run(_echo_roundtrip("aes128-gcm@openssh.com", payload))
+    finally:
+        SSHChannel.send_packet = send_packet  # type: ignore[method-assign]
+    assert echoed == payload
+    assert sent["slow"] < 5, sent  # 2 x 64 packets of data went the fast way
 
 
 def test_untuned_asyncssh_sends_the_ignores_the_patch_removes() -> None:
