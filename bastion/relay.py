@@ -224,19 +224,19 @@ class SessionRelay(asyncssh.SSHServerSession[bytes]):
                 command = None
             else:
                 command = chan.get_command()
-            try:
-                up, _ = await conn.create_session(lambda: _UpstreamSession(self), command, **kwargs)
-            except asyncssh.ChannelOpenError as exc:
-                # refused before anything ran: safe to try once more elsewhere
-                other = await self._reopen_upstream(conn) if self._reopen_upstream else None
-                if other is None:
-                    raise BastionError(f"the host refused the session: {exc.reason}") from None
+            retry = self._reopen_upstream
+            while True:
                 try:
-                    up, _ = await other.create_session(
+                    up, _ = await conn.create_session(
                         lambda: _UpstreamSession(self), command, **kwargs
                     )
-                except asyncssh.ChannelOpenError as again:
-                    raise BastionError(f"the host refused the session: {again.reason}") from None
+                    break
+                except asyncssh.ChannelOpenError as exc:
+                    # refused before anything ran: safe to try once more elsewhere
+                    other = await retry(conn) if retry is not None else None
+                    if other is None:
+                        raise BastionError(f"the host refused the session: {exc.reason}") from None
+                    conn, retry = other, None
         except asyncio.CancelledError:
             raise
         except BastionError as exc:

@@ -89,13 +89,11 @@ class BastionConnection(asyncssh.SSHServer):
         self._counted_unauth = False
         self._route: Route | None = None
         self._dest: Destination | None = None
-        self._upstream: asyncssh.SSHClientConnection | None = None
         self._lease: UpstreamLease | None = None
         # leases given up for a private connection, released with this connection
         self._spent_leases: list[UpstreamLease] = []
         self._listeners: list[asyncssh.SSHListener] = []
         self._upstream_lock = asyncio.Lock()
-        self._upstream_error: BastionError | None = None
         self._channels = 0
         self._refusal: BastionError | None = None
         self._started = time.monotonic()
@@ -223,8 +221,12 @@ class BastionConnection(asyncssh.SSHServer):
 
     # -- the upstream connection (one per person's connection) ---------------
 
+    @property
+    def _upstream(self) -> asyncssh.SSHClientConnection | None:
+        return self._lease.conn if self._lease is not None else None
+
     async def _connect_upstream(self, password: str | None = None, private: bool = False) -> None:
-        """Route, then take an upstream connection (sets ``_lease`` and ``_upstream``)."""
+        """Route, then take an upstream connection (sets ``_lease``)."""
         started = time.monotonic()
         try:
             self._route = self._ctx.router.route_for(self.user)
@@ -252,7 +254,6 @@ class BastionConnection(asyncssh.SSHServer):
             )
             raise
         self._lease = lease
-        self._upstream = lease.conn
         self._ctx.metrics.login_seconds.observe(time.monotonic() - started)
         self._ctx.metrics.logins.labels("accepted", "").inc()
         if lease.reused:
@@ -288,7 +289,7 @@ class BastionConnection(asyncssh.SSHServer):
                 return None
             lease.retire()
             self._spent_leases.append(lease)
-            self._lease = self._upstream = None
+            self._lease = None
             log.info(
                 "%s refused a channel on a shared connection for %s; opening a private one",
                 self._dest.label if self._dest else "the host",

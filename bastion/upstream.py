@@ -317,13 +317,6 @@ class UpstreamPool:
         self.max_shared = max_shared
         self._shared: dict[tuple[str, str, int, str], list[_Shared]] = {}
         self._closed = False
-        #: logins served by an already open connection (for metrics and tests)
-        self.reuses = 0
-
-    @property
-    def open_shared(self) -> int:
-        """Shared connections open now (in use or idle)."""
-        return sum(len(v) for v in self._shared.values())
 
     async def acquire(
         self,
@@ -353,7 +346,6 @@ class UpstreamPool:
                 if found.idle_timer is not None:
                     found.idle_timer.cancel()
                     found.idle_timer = None
-                self.reuses += 1
                 return UpstreamLease(
                     self, found.conn, reused=True, origin=found.origin, shared=found
                 )

@@ -58,11 +58,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.b_pythonpath:
                 os.environ["PYTHONPATH"] = args.b_pythonpath
             b = stack._start_bastion("bastion-b", vault=True)
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
             assert a is not None and a.process is not None and b.process is not None
             paths = stack.paths(args.cipher)
             runs = {

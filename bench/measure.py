@@ -120,11 +120,9 @@ class TreeCpu:
     @staticmethod
     def _cpu(pid: int) -> float | None:
         try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+            return cpu_seconds(pid)
         except (FileNotFoundError, ProcessLookupError):
-            return None
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+            return None  # it exited between listing and reading
 
     def _sample(self) -> None:
         while not self._done.is_set():
