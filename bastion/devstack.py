@@ -622,6 +622,26 @@ def ssh_command(
     return argv
 
 
+def stop_ssh_client(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> tuple[bytes, bytes]:
+    """End a running OpenSSH client; returns what it printed (stdout, stderr).
+
+    SIGTERM is sent again every half second: OpenSSH 9.2's client loses a
+    SIGTERM that arrives while it is not waiting in ``ppoll`` (it blocks no
+    signals around the check), and with ``-N`` it then sleeps there forever.
+    A second signal finds it asleep. SIGKILL after ``timeout``.
+    """
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(0.5)
+    if proc.poll() is None:
+        proc.kill()
+    out, err = proc.communicate()
+    return out or b"", err or b""
+
+
 @contextlib.contextmanager
 def stopping(*things: Any) -> Iterator[None]:
     """Stop every component on the way out, in reverse order."""

@@ -22,7 +22,7 @@ import pytest
 from conftest import Person, route
 
 from bastion import devstack
-from bastion.devstack import BastionProcess, ConsulAgent, SshdHost
+from bastion.devstack import BastionProcess, ConsulAgent, SshdHost, stop_ssh_client
 
 
 def write_config(
@@ -289,8 +289,7 @@ def _bastion_agent_sockets_during(
         assert holder.stdout.readline() == b"ready\n"
         return len(_agent_sockets() - before)
     finally:
-        holder.terminate()
-        holder.communicate(timeout=10)
+        stop_ssh_client(holder)
 
 
 def wait_record(
@@ -348,8 +347,7 @@ def test_local_forwarding_by_policy(
         # host-102 opens the connection to host-101's sshd for alice
         assert _banner_through(lport).startswith(b"SSH-2.0-OpenSSH")
     finally:
-        client.terminate()
-        client.communicate(timeout=10)
+        stop_ssh_client(client)
     record = wait_record(bastion, lambda r: r["event"] == "forward")
     assert record["outcome"] == "ok" and record["bytes_down"] > 0
 
@@ -371,8 +369,7 @@ def test_local_forwarding_by_policy(
             sock.settimeout(10)
             assert sock.recv(100) == b""
     finally:
-        client.terminate()
-        client.communicate(timeout=10)
+        stop_ssh_client(client)
     refused = wait_record(
         bastion,
         lambda r: r["event"] == "tunnel" and r.get("user") == "bob" and r["outcome"] == "refused",
@@ -406,5 +403,4 @@ def test_remote_forwarding_by_policy(
             time.sleep(0.1)
         assert banner.startswith(b"SSH-2.0-OpenSSH")
     finally:
-        client.terminate()
-        client.communicate(timeout=10)
+        stop_ssh_client(client)

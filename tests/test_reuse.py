@@ -18,7 +18,13 @@ import pytest
 from conftest import ConsulTokens, Person, VaultSetup, bastion_sections, route
 
 from bastion import devstack
-from bastion.devstack import BastionProcess, ConsulAgent, SshdHost, ssh_command
+from bastion.devstack import (
+    BastionProcess,
+    ConsulAgent,
+    SshdHost,
+    ssh_command,
+    stop_ssh_client,
+)
 
 
 def upstream_port(bastion: BastionProcess, person: Person) -> tuple[str, str]:
@@ -58,8 +64,7 @@ def held_session(
         assert line, "the held session printed nothing"
         yield line[1]
     finally:
-        holder.terminate()
-        holder.communicate(timeout=10)
+        stop_ssh_client(holder)
 
 
 @pytest.fixture
