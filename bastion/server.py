@@ -537,8 +537,20 @@ class BastionServer:
         factory: Callable[[], asyncssh.SSHServer] = lambda: BastionConnection(  # noqa: E731
             self._ctx, self.registry
         )
+        # loaded once: asyncssh re-reads its options at the start of every
+        # login, and paths would make it read and decode the key files (and
+        # look for their -cert.pub) each time
+        host_keys: list[asyncssh.SSHKeyPair] = []
+        for path in s.host_keys:
+            try:
+                host_keys += asyncssh.load_keypairs(str(path))
+            except (OSError, asyncssh.KeyImportError, ValueError) as exc:
+                raise BastionError(f"cannot load the host key {path}: {exc}") from exc
         options: dict[str, Any] = {
-            "server_host_keys": [str(p) for p in s.host_keys],
+            "server_host_keys": host_keys,
+            # no GSSAPI here; asyncssh would otherwise look up the machine's
+            # FQDN (gethostname, then a resolver query) for every login
+            "gss_host": None,
             "login_timeout": s.login_grace_time,
             "line_editor": False,
             "encoding": None,

@@ -506,3 +506,29 @@ def test_signing_that_would_fail_every_login_is_reported_at_start(
         assert refused.stdout == b""
     finally:
         proc.stop()
+
+
+def test_unreadable_host_key_stops_start_with_a_clear_error(
+    tmp_path: Path, bastion: BastionProcess
+) -> None:
+    """The host keys are loaded once at start: a bad one is named there."""
+    bad_key = tmp_path / "ssh_host_ed25519_key"
+    bad_key.write_text("not a key\n")
+    bad_key.chmod(0o600)
+    sections = {**bastion.sections, "audit": {"file": str(tmp_path / "audit.jsonl")}}
+    sections["server"] = {
+        **bastion.sections["server"],
+        "listen": f"127.0.0.1:{devstack.free_port()}",
+        "host_keys": [str(bad_key)],
+    }
+    config = tmp_path / "bastion.toml"
+    config.write_text(devstack.render_settings(sections))
+    result = subprocess.run(
+        [devstack.bastion_bin(), "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert f"cannot load the host key {bad_key}: " in result.stderr, result.stderr
