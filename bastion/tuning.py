@@ -85,6 +85,17 @@ otherwise.
     EOF, a rekey coming due, CBC ciphers, which still get their IGNORE) takes
     asyncssh's own path, packet by packet.
 
+``static_server_options``
+    At the start of every login asyncssh rebuilds the server's options in a
+    worker thread (``reload_config``) so that ``Match`` blocks of an
+    sshd-style config file can be applied for this user and address. The
+    bastion's listener has no config file (``config=None``) and no reverse
+    DNS, so the rebuild yields the same values again; it is now skipped when
+    the options carry no loaded config file and no reverse DNS lookup, and
+    done as before otherwise (``tests/test_tuning.py`` checks a ``Match User``
+    block still takes effect). Saves a thread round trip and an options
+    object per login.
+
 Every function a patch replaces or relies on is pinned by a fingerprint of
 its source. On an asyncssh whose code differs from the verified one,
 :func:`apply` changes nothing and logs a warning (the relay works, only
@@ -115,7 +126,8 @@ log = logging.getLogger("bastion.tuning")
 
 try:  # internals: a different asyncssh may have moved them
     from asyncssh.channel import SSHChannel
-    from asyncssh.connection import SSHConnection
+    from asyncssh.config import SSHConfig
+    from asyncssh.connection import SSHConnection, SSHServerConnection, SSHServerConnectionOptions
     from asyncssh.constants import (
         MSG_CHANNEL_DATA,
         MSG_CHANNEL_EOF,
@@ -141,6 +153,7 @@ FEATURES = (
     "exact_receive",
     "reuse_aead",
     "fast_channel_data",
+    "static_server_options",
 )
 
 # asyncssh versions the patches were verified against, and the sha256 (first
@@ -173,6 +186,11 @@ FINGERPRINTS = {
     "chacha.poly1305_key": "c8627dfb53b0c702",
     "SSHChannel._flush_send_buf": "3f11e9dc27c58b18",
     "SSHChannel.send_packet": "00e81b763c8f3dd2",
+    "SSHServerConnection.reload_config": "d78b0be8399d5491",
+    "SSHServerConnectionOptions.prepare": "72d1b32ec5b11078",
+    "SSHConfig.load": "aefeb793e46ab83a",
+    "SSHConfig.__init__": "07f826d2967ce4c6",
+    "SSHConnection._finish_userauth": "bd2146536318273d",
 }
 
 # reads shorter than this re-arm TCP_QUICKACK after authentication: a peer
@@ -211,6 +229,11 @@ def _functions() -> dict[str, Callable[..., Any]]:
         "chacha.poly1305_key": asyncssh.crypto.chacha.poly1305_key,
         "SSHChannel._flush_send_buf": SSHChannel._flush_send_buf,
         "SSHChannel.send_packet": SSHChannel.send_packet,
+        "SSHServerConnection.reload_config": SSHServerConnection.reload_config,
+        "SSHServerConnectionOptions.prepare": SSHServerConnectionOptions.prepare,
+        "SSHConfig.load": SSHConfig.__dict__["load"].__func__,
+        "SSHConfig.__init__": SSHConfig.__init__,
+        "SSHConnection._finish_userauth": SSHConnection._finish_userauth,
     }
 
 
@@ -563,6 +586,18 @@ def _install(features: frozenset[str]) -> None:
         _install_fast_channel_data(
             skip_ignore="skip_ignore" in features, coalesced="coalesce_writes" in features
         )
+
+    if "static_server_options" in features:
+        reload_config = _replace(SSHServerConnection, "reload_config", None)
+
+        async def reload_config_if_it_can_differ(self: SSHServerConnection) -> None:
+            # only a loaded config file (its Match blocks) or a reverse DNS
+            # name can make the rebuilt options differ from the listener's
+            config = getattr(self._options, "config", None)
+            if getattr(config, "loaded", True) or self._rdns_lookup:
+                await reload_config(self)
+
+        SSHServerConnection.reload_config = reload_config_if_it_can_differ  # type: ignore[method-assign]
 
     if "quiet_packet_log" in features:
         log_packet = SSHPacketLogger._log_packet

@@ -338,6 +338,74 @@ def test_exact_receive_keeps_asyncssh_buffer_to_one_packet(tuned: None) -> None:
     assert 0 < seen["max"] <= 35_000 + 64, seen
 
 
+async def _login_options(tmp_path: Any, config_text: str | None, user: str) -> tuple[bool, bool]:
+    """Log ``user`` in to an asyncssh server whose only accepted key is listed
+    in an authorized_keys file that a ``Match User`` block of the server's
+    config names (or no config at all: ``config_text`` None). Returns (login
+    accepted, the connection still uses the listener's options object)."""
+    host_key = asyncssh.generate_private_key("ssh-ed25519")
+    client_key = asyncssh.generate_private_key("ssh-ed25519")
+    keys_file = tmp_path / "authorized_keys"
+    keys_file.write_bytes(client_key.export_public_key())
+    config: list[str] | None = None
+    if config_text is not None:
+        path = tmp_path / "sshd_config"
+        path.write_text(config_text.format(keys=keys_file))
+        config = [str(path)]
+    seen: dict[str, bool] = {}
+
+    class Server(asyncssh.SSHServer):
+        def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+            self.conn = conn
+            self.first_options = conn._options  # type: ignore[attr-defined]
+
+        def begin_auth(self, username: str) -> bool:
+            # asyncssh calls this right after re-reading (or not) its options
+            seen["same"] = self.conn._options is self.first_options  # type: ignore[attr-defined]
+            return True
+
+    server = await asyncssh.create_server(
+        Server, "127.0.0.1", 0, server_host_keys=[host_key], config=config, gss_host=None
+    )
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with asyncssh.connect(
+            "127.0.0.1",
+            port,
+            username=user,
+            client_keys=[client_key],
+            known_hosts=None,
+            config=None,
+            agent_path=None,
+            preferred_auth=["publickey"],
+        ):
+            accepted = True
+    except asyncssh.PermissionDenied:
+        accepted = False
+    finally:
+        server.close()
+        await server.wait_closed()
+    return accepted, seen.get("same", False)
+
+
+def test_static_server_options_still_applies_match_blocks(tuned: None, tmp_path: Any) -> None:
+    """A server with a config file re-reads it per login, as asyncssh does:
+    the key is only authorized for ``alice`` through her ``Match`` block."""
+    config = "Match User alice\n  AuthorizedKeysFile {keys}\n"
+    assert asyncio.run(_login_options(tmp_path, config, "alice"))[0] is True
+    assert asyncio.run(_login_options(tmp_path, config, "bob"))[0] is False
+
+
+def test_static_server_options_without_a_config_keeps_the_listeners(
+    tuned: None, tmp_path: Any
+) -> None:
+    """No config file (the bastion's case): the listener's options serve the
+    whole login; plain asyncssh rebuilds them in a worker thread."""
+    assert asyncio.run(_login_options(tmp_path, None, "alice")) == (False, True)
+    tuning.revert()
+    assert asyncio.run(_login_options(tmp_path, None, "alice")) == (False, False)
+
+
 # -- the real bastion (tuning applied at start) -----------------------------
 
 
