@@ -85,6 +85,22 @@ otherwise.
     EOF, a rekey coming due, CBC ciphers, which still get their IGNORE) takes
     asyncssh's own path, packet by packet.
 
+``fast_receive``
+    The receiving twin of ``fast_channel_data``. A channel data packet went
+    through asyncssh's general dispatch: payload copy, an ``SSHPacket``,
+    the type checks, the packet log call, the channel's handler table,
+    ``get_string`` (another copy) and ``check_end``. Once keys are in place,
+    authentication is done and there is no compression and no debug
+    logging, the packet is decrypted and MAC-checked exactly as asyncssh
+    does it; if it is a well-formed MSG_CHANNEL_DATA for an open channel
+    within its window, its data goes straight to asyncssh's own
+    ``_accept_data`` (window accounting, pausing, delivery) and
+    ``_finish_recv_packet`` (sequence number). Everything else (a padding
+    or length that does not add up, an unknown or closed channel, a window
+    overrun, every other packet type, key exchange included) is handed to
+    asyncssh's ``_recv_packet`` with the plaintext already computed, so
+    asyncssh's checks and errors apply to it unchanged.
+
 ``static_server_options``
     At the start of every login asyncssh rebuilds the server's options in a
     worker thread (``reload_config``) so that ``Match`` blocks of an
@@ -138,7 +154,7 @@ try:  # internals: a different asyncssh may have moved them
     from asyncssh.crypto.cipher import BasicCipher, GCMCipher
     from asyncssh.encryption import BasicEncryption, ChachaEncryption, GCMEncryption
     from asyncssh.logging import SSHLogger
-    from asyncssh.misc import DisconnectError
+    from asyncssh.misc import DisconnectError, MACError
     from asyncssh.packet import SSHPacketLogger, String, UInt32
 except ImportError as exc:  # pragma: no cover - only on an unverified asyncssh
     _IMPORT_PROBLEM: str | None = f"asyncssh internals not found: {exc}"
@@ -154,6 +170,7 @@ FEATURES = (
     "reuse_aead",
     "fast_channel_data",
     "static_server_options",
+    "fast_receive",
 )
 
 # asyncssh versions the patches were verified against, and the sha256 (first
@@ -191,6 +208,9 @@ FINGERPRINTS = {
     "SSHConfig.load": "aefeb793e46ab83a",
     "SSHConfig.__init__": "07f826d2967ce4c6",
     "SSHConnection._finish_userauth": "bd2146536318273d",
+    "SSHChannel._process_data": "342490795c4b893c",
+    "SSHChannel._accept_data": "33121e9e185c9850",
+    "SSHPacketHandler.process_packet": "490a59d971d0ce03",
 }
 
 # reads shorter than this re-arm TCP_QUICKACK after authentication: a peer
@@ -234,6 +254,9 @@ def _functions() -> dict[str, Callable[..., Any]]:
         "SSHConfig.load": SSHConfig.__dict__["load"].__func__,
         "SSHConfig.__init__": SSHConfig.__init__,
         "SSHConnection._finish_userauth": SSHConnection._finish_userauth,
+        "SSHChannel._process_data": SSHChannel._process_data,
+        "SSHChannel._accept_data": SSHChannel._accept_data,
+        "SSHPacketHandler.process_packet": asyncssh.packet.SSHPacketHandler.process_packet,
     }
 
 
@@ -544,7 +567,80 @@ def _install_fast_channel_data(*, skip_ignore: bool, coalesced: bool) -> None:
     SSHChannel._flush_send_buf = fast_flush_send_buf  # type: ignore[method-assign]
 
 
+class _Plaintext:
+    """Stands in for the receive cipher during one call of asyncssh's
+    ``_recv_packet``: the packet has been decrypted and its MAC checked
+    already (that advanced the cipher's nonce, so it cannot be done twice)."""
+
+    __slots__ = ("plaintext",)
+
+    def __init__(self, plaintext: bytes) -> None:
+        self.plaintext = plaintext
+
+    def decrypt_packet(
+        self, seq: int, first: bytes, rest: bytes, header_len: int, mac: bytes
+    ) -> bytes:
+        return self.plaintext
+
+
+def _install_fast_receive() -> None:
+    recv_packet = _replace(SSHConnection, "_recv_packet", None)
+
+    def fast_recv_packet(self: SSHConnection) -> bool:
+        enc = self._recv_encryption
+        if (
+            enc is None
+            or not self._auth_complete
+            or self._decompressor
+            # asyncssh logs each data packet at debug level 2 and up
+            or SSHLogger._debug_level >= 2
+        ):
+            return recv_packet(self)  # type: ignore[no-any-return]
+        # asyncssh's own first steps: wait for the whole packet, decrypt, verify
+        macsize = self._recv_macsize
+        rem = 4 + self._pktlen + macsize - self._recv_blocksize
+        inpbuf = self._inpbuf
+        if len(inpbuf) < rem:
+            return False
+        seq = self._recv_seq
+        plain = enc.decrypt_packet(
+            seq, self._packet, inpbuf[: rem - macsize], 4, inpbuf[rem - macsize : rem]
+        )
+        if not plain:
+            raise MACError("MAC verification failed")
+        # padding length, type, recipient channel, data length, data, padding
+        end = len(plain) - plain[0]
+        if plain[0] >= 4 and end >= 10 and plain[1] == MSG_CHANNEL_DATA:
+            chan = self._channels.get(int.from_bytes(plain[2:6], "big"))
+            datalen = int.from_bytes(plain[6:10], "big")
+            if (
+                chan is not None
+                and 10 + datalen == end
+                and chan._recv_state == "open"
+                and datalen <= chan._recv_window
+            ):
+                self._inpbuf = inpbuf[rem:]
+                self._packet = b""
+                chan._accept_data(plain[10:end])
+                self._finish_recv_packet(MSG_CHANNEL_DATA, seq)
+                return True
+        # anything else: asyncssh's own code, on the plaintext it would have made
+        stand_in: Any = _Plaintext(plain)
+        self._recv_encryption = stand_in
+        try:
+            return recv_packet(self)  # type: ignore[no-any-return]
+        finally:
+            if self._recv_encryption is stand_in:  # not replaced by new keys
+                self._recv_encryption = enc
+
+    SSHConnection._recv_packet = fast_recv_packet  # type: ignore[method-assign]
+
+
 def _install(features: frozenset[str]) -> None:
+    if "fast_receive" in features:
+        # first: exact_receive recognises the parser step it installs
+        _install_fast_receive()
+
     if "skip_ignore" in features:
         send_packet = _replace(SSHConnection, "send_packet", None)
 

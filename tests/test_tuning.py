@@ -241,6 +241,106 @@ def test_fast_channel_data_is_what_carries_bulk_data(tuned: None) -> None:
     assert sent["slow"] < 5, sent  # 2 x 64 packets of data went the fast way
 
 
+def test_fast_receive_is_what_carries_bulk_data(tuned: None) -> None:
+    # asyncssh's own data handler sees (almost) nothing: the bytes checked
+    # by the echo tests above came through the fast receive path
+    handlers: dict[int, Any] = SSHChannel._packet_handlers  # type: ignore[attr-defined]
+    process_data = handlers[MSG_CHANNEL_DATA]
+    seen = {"slow": 0}
+
+    def counting(self: SSHChannel[Any], *args: Any) -> Any:
+        seen["slow"] += 1
+        return process_data(self, *args)
+
+    handlers[MSG_CHANNEL_DATA] = counting
+    try:
+        payload = os.urandom(2 * 1024 * 1024)
+        echoed, _ = asyncio.run(_echo_roundtrip("aes128-gcm@openssh.com", payload))
+    finally:
+        handlers[MSG_CHANNEL_DATA] = process_data
+    assert echoed == payload
+    assert seen["slow"] < 5, seen  # 2 x 64 packets of data came the fast way
+
+
+async def _raw_channel_data(*payload: bytes, flood: int = 1) -> str:
+    """Open a session on a server that never reads its stdin, then send
+    MSG_CHANNEL_DATA packets made by hand (``payload`` after the channel
+    number), ``flood`` times, ignoring the window; the reason the server
+    gave for disconnecting ("" if it did not)."""
+    host_key = asyncssh.generate_private_key("ssh-ed25519")
+    client_key = asyncssh.generate_private_key("ssh-ed25519")
+
+    async def sit(process: asyncssh.SSHServerProcess[bytes]) -> None:
+        await asyncio.sleep(30)
+
+    class Server(asyncssh.SSHServer):
+        def begin_auth(self, username: str) -> bool:
+            return True
+
+        def public_key_auth_supported(self) -> bool:
+            return True
+
+        def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+            return True
+
+    reason = {"text": ""}
+
+    class Client(asyncssh.SSHClient):
+        def connection_lost(self, exc: Exception | None) -> None:
+            if isinstance(exc, asyncssh.DisconnectError):
+                reason["text"] = exc.reason
+
+    server = await asyncssh.create_server(
+        Server, "127.0.0.1", 0, server_host_keys=[host_key], process_factory=sit, config=None
+    )
+    port = server.sockets[0].getsockname()[1]
+    try:
+        conn, _ = await asyncssh.create_connection(
+            Client,
+            "127.0.0.1",
+            port,
+            username="x",
+            client_keys=[client_key],
+            known_hosts=None,
+            config=None,
+            agent_path=None,
+            encryption_algs=["aes128-gcm@openssh.com"],
+        )
+        chan, _ = await conn.create_session(asyncssh.SSHClientSession, "sit", encoding=None)
+        remote = chan._send_chan  # type: ignore[attr-defined]
+        for _ in range(flood):
+            conn.send_packet(MSG_CHANNEL_DATA, asyncssh.packet.UInt32(remote), *payload)  # type: ignore[attr-defined]
+        await asyncio.wait_for(conn.wait_closed(), 10)
+    except TimeoutError:
+        conn.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+    return reason["text"]
+
+
+@pytest.mark.parametrize("tuning_on", [True, False])
+def test_malformed_or_excess_channel_data_is_refused_as_asyncssh_does(tuning_on: bool) -> None:
+    """The fast receive path hands what it does not recognise to asyncssh,
+    whose checks then apply: the same refusals with and without it."""
+    tuning.revert()
+    try:
+        if tuning_on:
+            assert tuning.apply()
+        string = asyncssh.packet.String
+        # data lengths that do not match the packet
+        reason = asyncio.run(_raw_channel_data(string(b"abc"), b"\x00"))
+        assert reason == "Unexpected data at end of packet", reason
+        reason = asyncio.run(_raw_channel_data(asyncssh.packet.UInt32(100)))
+        assert reason == "Incomplete packet", reason
+        # more than the server has room for: 2 MiB buffered unread by the
+        # session, then the 2 MiB window it granted
+        reason = asyncio.run(_raw_channel_data(string(b"x" * 32000), flood=200))
+        assert reason == "Window exceeded", reason
+    finally:
+        tuning.revert()
+
+
 def test_untuned_asyncssh_sends_the_ignores_the_patch_removes() -> None:
     # the premise of skip_ignore, checked on the installed asyncssh
     tuning.revert()
