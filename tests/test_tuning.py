@@ -118,6 +118,31 @@ def test_ignore_is_redundant_only_without_iv_chaining(alg: bytes, redundant: boo
 # -- in-process: an asyncssh server and client with the patches on -----------
 
 
+def _client_options(client_key: asyncssh.SSHKey, alg: str) -> dict[str, Any]:
+    """An in-process client that reads no config, agent or known_hosts."""
+    return {
+        "username": "x",
+        "client_keys": [client_key],
+        "known_hosts": None,
+        "config": None,
+        "agent_path": None,
+        "encryption_algs": [alg],
+    }
+
+
+class _AnyoneServer(asyncssh.SSHServer):
+    """Lets any client key in (in-process tests only)."""
+
+    def begin_auth(self, username: str) -> bool:
+        return True
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        return True
+
+
 async def _echo_roundtrip(
     alg: str, payload: bytes, rekey_bytes: int | None = None
 ) -> tuple[bytes, int]:
@@ -139,19 +164,9 @@ async def _echo_roundtrip(
         process.stdout.write(data)
         process.exit(0)
 
-    class Server(asyncssh.SSHServer):
-        def begin_auth(self, username: str) -> bool:
-            return True
-
-        def public_key_auth_supported(self) -> bool:
-            return True
-
-        def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
-            return True
-
     try:
         server = await asyncssh.create_server(
-            Server,
+            _AnyoneServer,
             "127.0.0.1",
             0,
             server_host_keys=[host_key],
@@ -165,12 +180,7 @@ async def _echo_roundtrip(
         async with asyncssh.connect(
             "127.0.0.1",
             port,
-            username="x",
-            client_keys=[client_key],
-            known_hosts=None,
-            config=None,
-            agent_path=None,
-            encryption_algs=[alg],
+            **_client_options(client_key, alg),
             **({"rekey_bytes": rekey_bytes} if rekey_bytes else {}),
         ) as conn:
             result = await conn.run(input=payload, encoding=None, check=True)
@@ -273,16 +283,6 @@ async def _raw_channel_data(*payload: bytes, flood: int = 1) -> str:
     async def sit(process: asyncssh.SSHServerProcess[bytes]) -> None:
         await asyncio.sleep(30)
 
-    class Server(asyncssh.SSHServer):
-        def begin_auth(self, username: str) -> bool:
-            return True
-
-        def public_key_auth_supported(self) -> bool:
-            return True
-
-        def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
-            return True
-
     reason = {"text": ""}
 
     class Client(asyncssh.SSHClient):
@@ -291,20 +291,12 @@ async def _raw_channel_data(*payload: bytes, flood: int = 1) -> str:
                 reason["text"] = exc.reason
 
     server = await asyncssh.create_server(
-        Server, "127.0.0.1", 0, server_host_keys=[host_key], process_factory=sit, config=None
+        _AnyoneServer, "127.0.0.1", 0, server_host_keys=[host_key], process_factory=sit, config=None
     )
     port = server.sockets[0].getsockname()[1]
     try:
         conn, _ = await asyncssh.create_connection(
-            Client,
-            "127.0.0.1",
-            port,
-            username="x",
-            client_keys=[client_key],
-            known_hosts=None,
-            config=None,
-            agent_path=None,
-            encryption_algs=["aes128-gcm@openssh.com"],
+            Client, "127.0.0.1", port, **_client_options(client_key, "aes128-gcm@openssh.com")
         )
         chan, _ = await conn.create_session(asyncssh.SSHClientSession, "sit", encoding=None)
         remote = chan._send_chan  # type: ignore[attr-defined]
@@ -469,16 +461,8 @@ async def _login_options(tmp_path: Any, config_text: str | None, user: str) -> t
     )
     port = server.sockets[0].getsockname()[1]
     try:
-        async with asyncssh.connect(
-            "127.0.0.1",
-            port,
-            username=user,
-            client_keys=[client_key],
-            known_hosts=None,
-            config=None,
-            agent_path=None,
-            preferred_auth=["publickey"],
-        ):
+        options = {**_client_options(client_key, "aes128-gcm@openssh.com"), "username": user}
+        async with asyncssh.connect("127.0.0.1", port, preferred_auth=["publickey"], **options):
             accepted = True
     except asyncssh.PermissionDenied:
         accepted = False
