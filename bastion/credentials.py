@@ -352,7 +352,12 @@ class VaultClient:
         session.mount("http://", pool)
         session.mount("https://", pool)
         self._session = session
-        self._verify = verify
+        # the CAs requests trusts (the given file, else its bundle), for aiohttp too
+        cafile = verify if isinstance(verify, str) else requests.utils.DEFAULT_CA_BUNDLE_PATH
+        try:
+            self._tls = ssl.create_default_context(cafile=cafile)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"[vault] ca_cert: cannot load {cafile}: {exc}") from None
         self._http: aiohttp.ClientSession | None = None  # made on the loop, at first use
         self._adapter = hvac.adapters.JSONAdapter(
             base_uri=self.address,
@@ -502,12 +507,8 @@ class VaultClient:
         when it is not JSON). An error status raises the hvac exception that
         hvac's own adapter would (the same ``raise_for_error``)."""
         if self._http is None:
-            if isinstance(self._verify, str):
-                context = ssl.create_default_context(cafile=self._verify)
-            else:  # the CA bundle requests uses, so both clients trust the same CAs
-                context = ssl.create_default_context(cafile=requests.utils.DEFAULT_CA_BUNDLE_PATH)
             self._http = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=32, ssl=context),
+                connector=aiohttp.TCPConnector(limit=32, ssl=self._tls),
                 timeout=aiohttp.ClientTimeout(total=self._settings.timeout),
                 trust_env=False,
             )

@@ -622,8 +622,8 @@ def ssh_command(
     return argv
 
 
-def stop_ssh_client(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> tuple[bytes, bytes]:
-    """End a running OpenSSH client; returns what it printed (stdout, stderr).
+def stop_ssh_client(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """End a running OpenSSH client and reap it (its pipes are drained and closed).
 
     SIGTERM is sent again every half second: OpenSSH 9.2's client loses a
     SIGTERM that arrives while it is not waiting in ``ppoll`` (it blocks no
@@ -638,8 +638,7 @@ def stop_ssh_client(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> tup
             proc.wait(0.5)
     if proc.poll() is None:
         proc.kill()
-    out, err = proc.communicate()
-    return out or b"", err or b""
+    proc.communicate()
 
 
 @contextlib.contextmanager

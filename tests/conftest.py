@@ -200,6 +200,21 @@ def bastion_sections(
     return sections
 
 
+def start_bastion(
+    base: Path,
+    consul: ConsulAgent,
+    consul_tokens: ConsulTokens,
+    vault: VaultSetup,
+    known_hosts: Path,
+    **upstream: object,
+) -> devstack.BastionProcess:
+    """A bastion of a test's own, like the session one but for ``upstream``
+    settings; the caller stops it."""
+    sections = bastion_sections(consul_tokens, consul, known_hosts, vault)
+    sections["upstream"].update(upstream)
+    return devstack.BastionProcess(base, sections).start()
+
+
 @pytest.fixture(scope="session")
 def bastion(
     stack_dir: Path,

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ConsulTokens, Person, VaultSetup, bastion_sections, route
+from conftest import ConsulTokens, Person, VaultSetup, bastion_sections, route, start_bastion
 
 from bastion import devstack
 from bastion.devstack import BastionProcess, ConsulAgent, SshdHost, ssh_command
@@ -493,9 +493,9 @@ def test_signing_that_would_fail_every_login_is_reported_at_start(
     # the session bastion's self-check passed
     assert "certificate signing self-check passed" in bastion.log.read_text()
     # cert_ttl above the Vault role's max_ttl (10 min): Vault refuses every signing
-    sections = bastion_sections(consul_tokens, consul, known_hosts, vault)
-    sections["upstream"].update(cert_ttl=3600, reuse_idle=0)
-    proc = BastionProcess(tmp_path / "bastion", sections).start()
+    proc = start_bastion(
+        tmp_path / "bastion", consul, consul_tokens, vault, known_hosts, cert_ttl=3600, reuse_idle=0
+    )
     try:
         log = proc.log.read_text()
         assert "certificate signing self-check failed" in log, log[-2000:]

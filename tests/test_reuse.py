@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
-from conftest import ConsulTokens, Person, VaultSetup, bastion_sections, route
+from conftest import ConsulTokens, Person, VaultSetup, route, start_bastion
 
 from bastion import devstack
 from bastion.devstack import (
@@ -149,19 +149,6 @@ def test_connection_with_a_remote_forward_is_not_shared(
         assert port != forward_port, "a login was put on the connection carrying -R"
 
 
-def _private_bastion(
-    base: Path,
-    consul: ConsulAgent,
-    consul_tokens: ConsulTokens,
-    vault: VaultSetup,
-    known_hosts: Path,
-    **upstream: object,
-) -> BastionProcess:
-    sections = bastion_sections(consul_tokens, consul, known_hosts, vault)
-    sections["upstream"].update(upstream)
-    return BastionProcess(base, sections).start()
-
-
 def test_idle_connection_closes_and_reuse_can_be_turned_off(
     tmp_path: Path,
     consul: ConsulAgent,
@@ -171,7 +158,7 @@ def test_idle_connection_closes_and_reuse_can_be_turned_off(
     people: dict[str, Person],
 ) -> None:
     alice = people["alice"]
-    short = _private_bastion(
+    short = start_bastion(
         tmp_path / "short", consul, consul_tokens, vault, known_hosts, reuse_idle=1
     )
     try:
@@ -181,7 +168,7 @@ def test_idle_connection_closes_and_reuse_can_be_turned_off(
         assert upstream_port(short, alice)[1] != first  # idle past 1 s: closed
     finally:
         short.stop()
-    aged = _private_bastion(
+    aged = start_bastion(
         tmp_path / "aged", consul, consul_tokens, vault, known_hosts, reuse_max_age=1
     )
     try:
@@ -191,9 +178,7 @@ def test_idle_connection_closes_and_reuse_can_be_turned_off(
         assert upstream_port(aged, alice)[1] != first
     finally:
         aged.stop()
-    off = _private_bastion(
-        tmp_path / "off", consul, consul_tokens, vault, known_hosts, reuse_idle=0
-    )
+    off = start_bastion(tmp_path / "off", consul, consul_tokens, vault, known_hosts, reuse_idle=0)
     try:
         ports = {upstream_port(off, alice)[1] for _ in range(3)}
         assert len(ports) == 3
