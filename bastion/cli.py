@@ -34,6 +34,10 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         import uvloop  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
+        uvloop = None
+    # outside the except block: an error while serving must not be chained
+    # to the ImportError ("During handling of the above exception ...")
+    if uvloop is None:
         asyncio.run(serve(settings, args.drain_timeout))
     else:  # pragma: no cover - optional speed-up
         uvloop.run(serve(settings, args.drain_timeout))

@@ -73,7 +73,8 @@ def ssh_keygen_bin() -> str:
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free on ``host`` right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
@@ -486,7 +487,7 @@ def sign_user_key(
 
 
 SSHD_CONFIG = """\
-ListenAddress {address}:{port}
+ListenAddress {listen}
 HostKey {host_key}
 PidFile {workdir}/sshd.pid
 UsePAM no
@@ -547,8 +548,9 @@ class SshdHost:
         cfg = self.workdir / "sshd_config"
         cfg.write_text(
             SSHD_CONFIG.format(
-                address=self.address,
-                port=self.port,
+                listen=f"[{self.address}]:{self.port}"
+                if ":" in self.address
+                else f"{self.address}:{self.port}",
                 host_key=self.host_key,
                 workdir=self.workdir,
                 user_ca_keys=ca_file,

@@ -16,19 +16,35 @@ person logging in: no secrets, no internal addresses beyond the routed host)::
     ├── CredentialError
     │   ├── SigningFailed           the CA refused or could not be reached
     │   └── SecretUnavailable       Vault sealed / unreachable / token revoked
-    └── UpstreamError
-        ├── HostUnreachable         TCP connect failed or timed out
-        ├── HostKeyMismatch         the host's key is unknown or differs
-        └── UpstreamAuthFailed      the host refused the bastion's credential
+    ├── UpstreamError
+    │   ├── HostUnreachable         TCP connect failed, timed out, or the name does not resolve
+    │   ├── HostKeyMismatch         the host's key is unknown or differs
+    │   ├── UpstreamAuthFailed      the host refused the bastion's credential
+    │   ├── UpstreamRefused         the host refused a channel or a forward
+    │   └── UpstreamLost            the host's connection ended mid-session
+    └── ClientError                 what the person's client asked for or did
+        ├── RequestDenied           a request the bastion does not carry (X11, tun)
+        ├── ClientRefused           the client refused a channel the bastion opened to it
+        ├── TooManyAuthFailures     MaxAuthTries reached (sshd_config(5))
+        └── TooManyConnections      the unauthenticated-connection bound is full
+
+``open_code`` is the SSH channel-open failure code (RFC 4254 section 5.1) a
+refused channel carries; OpenSSH clients print "administratively
+prohibited" for 1 and "connect failed" for 2.
 """
 
 from __future__ import annotations
+
+# RFC 4254 section 5.1 channel-open failure codes
+OPEN_ADMINISTRATIVELY_PROHIBITED = 1
+OPEN_CONNECT_FAILED = 2
 
 
 class BastionError(Exception):
     """Base class. ``reason`` is a stable code, ``user_message`` is client-safe."""
 
     reason = "internal-error"
+    open_code = OPEN_CONNECT_FAILED
 
     def __init__(self, user_message: str, *, detail: str | None = None) -> None:
         super().__init__(user_message)
@@ -67,6 +83,7 @@ class DirectoryUnavailable(RoutingError):
 
 class ForwardDenied(RoutingError):
     reason = "forward-denied"
+    open_code = OPEN_ADMINISTRATIVELY_PROHIBITED
 
 
 class CredentialError(BastionError):
@@ -95,3 +112,32 @@ class HostKeyMismatch(UpstreamError):
 
 class UpstreamAuthFailed(UpstreamError):
     reason = "upstream-auth-failed"
+
+
+class UpstreamRefused(UpstreamError):
+    reason = "upstream-refused"
+
+
+class UpstreamLost(UpstreamError):
+    reason = "upstream-lost"
+
+
+class ClientError(BastionError):
+    reason = "client-error"
+
+
+class RequestDenied(ClientError):
+    reason = "request-denied"
+    open_code = OPEN_ADMINISTRATIVELY_PROHIBITED
+
+
+class ClientRefused(ClientError):
+    reason = "client-refused"
+
+
+class TooManyAuthFailures(ClientError):
+    reason = "max-auth-tries"
+
+
+class TooManyConnections(ClientError):
+    reason = "max-unauthenticated"

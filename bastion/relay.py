@@ -31,7 +31,8 @@ from typing import Any, Protocol, cast
 import asyncssh
 from asyncssh import EXTENDED_DATA_STDERR
 
-from bastion.errors import BastionError
+from bastion.errors import BastionError, UpstreamLost, UpstreamRefused
+from bastion.sshd_compat import wire_bytes
 from bastion.tuning import QUICKACK_BELOW, quickack
 
 log = logging.getLogger("bastion.relay")
@@ -59,9 +60,14 @@ class RelayStats:
         return (self.ended or time.monotonic()) - self.started
 
 
-def filter_env(env: Mapping[str, str], allow: Sequence[str]) -> dict[str, str]:
-    """Only variables matching an allow-list pattern (``LANG``, ``LC_*``) go upstream."""
-    return {k: v for k, v in env.items() if any(fnmatch.fnmatchcase(k, p) for p in allow)}
+def filter_env(env: Mapping[bytes, bytes], allow: Sequence[str]) -> dict[bytes, bytes]:
+    """Only variables whose name matches an allow-list pattern (``LANG``,
+    ``LC_*``, as sshd's ``AcceptEnv``) go upstream; values pass as sent, bytes."""
+    return {
+        k: v
+        for k, v in env.items()
+        if any(fnmatch.fnmatchcase(k.decode("utf-8", "surrogateescape"), p) for p in allow)
+    }
 
 
 class _Endpoint(Protocol):
@@ -91,15 +97,20 @@ class SessionRelay(asyncssh.SSHServerSession[bytes]):
         env_allow: Sequence[str],
         stats: RelayStats,
         on_end: Callable[[RelayStats], None],
+        *,
         reopen_upstream: ReopenUpstream | None = None,
+        on_refused: Callable[[str, str], None] | None = None,
     ) -> None:
         self._open_upstream = open_upstream
+        self._on_refused = on_refused
         self._reopen_upstream = reopen_upstream
         self._env_allow = env_allow
         self.stats = stats
         self._on_end = on_end
         self._chan: asyncssh.SSHServerChannel[bytes] | None = None
         self._up: asyncssh.SSHClientChannel[bytes] | None = None
+        # the upstream session whose end ends this relay (not a refused attempt)
+        self._up_session: _UpstreamSession | None = None
         self._pty: tuple[str, tuple[int, int, int, int], Mapping[int, int]] | None = None
         self._early: list[bytes] = []
         self._early_len = 0
@@ -132,6 +143,11 @@ class SessionRelay(asyncssh.SSHServerSession[bytes]):
         self.stats.detail["request"] = f"subsystem:{subsystem}"
         return True
 
+    def request_refused(self, request: str, why: str) -> None:
+        """The channel refused ``request`` (X11, agent forwarding): audit it."""
+        if self._on_refused is not None:
+            self._on_refused(request, why)
+
     def session_started(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._start_upstream())
 
@@ -162,7 +178,8 @@ class SessionRelay(asyncssh.SSHServerSession[bytes]):
 
     def eof_received(self) -> bool:
         if self._up is not None:
-            self._up.write_eof()
+            if not self._up.is_closing():  # as data_received: never raise here
+                self._up.write_eof()
         else:
             self._early_eof = True
         # keep our send side open: output and the exit status still follow
@@ -206,7 +223,7 @@ class SessionRelay(asyncssh.SSHServerSession[bytes]):
         assert chan is not None
         try:
             conn = await self._open_upstream()
-            env = filter_env(chan.get_environment(), self._env_allow)
+            env = filter_env(chan.get_environment_bytes(), self._env_allow)
             kwargs: dict[str, Any] = {"env": env, "encoding": None}
             if self._pty is not None:
                 term_type, term_size, term_modes = self._pty
@@ -218,24 +235,28 @@ class SessionRelay(asyncssh.SSHServerSession[bytes]):
                 )
             else:
                 kwargs["request_pty"] = False
+            # the bytes the client sent (see sshd_compat.TransparentServerChannel)
             subsystem = chan.get_subsystem()
+            command: bytes | None = None
             if subsystem is not None:
-                kwargs["subsystem"] = subsystem
-                command = None
-            else:
-                command = chan.get_command()
+                kwargs["subsystem"] = wire_bytes(subsystem)
+            elif (text := chan.get_command()) is not None:
+                command = wire_bytes(text)
             retry = self._reopen_upstream
             while True:
                 try:
-                    up, _ = await conn.create_session(
-                        lambda: _UpstreamSession(self), command, **kwargs
+                    up, opened = await conn.create_session(
+                        lambda: _UpstreamSession(self), cast(str | None, command), **kwargs
                     )
+                    session = cast(_UpstreamSession, opened)
                     break
                 except asyncssh.ChannelOpenError as exc:
                     # refused before anything ran: safe to try once more elsewhere
                     other = await retry(conn) if retry is not None else None
                     if other is None:
-                        raise BastionError(f"the host refused the session: {exc.reason}") from None
+                        raise UpstreamRefused(
+                            f"the host refused the session: {exc.reason}"
+                        ) from None
                     conn, retry = other, None
         except asyncio.CancelledError:
             raise
@@ -255,6 +276,7 @@ class SessionRelay(asyncssh.SSHServerSession[bytes]):
             up.close()
             return
         self._up = up
+        self._up_session = session
         for data in self._early:
             up.write(data)
         self._early.clear()
@@ -263,6 +285,8 @@ class SessionRelay(asyncssh.SSHServerSession[bytes]):
         if self._front_paused:
             self._front_paused = False
             chan.resume_reading()
+        if session.lost is not None:  # a command that ended before we got here
+            self._upstream_closed(session.lost[0])
 
     def _fail(self, exc: BastionError) -> None:
         self.stats.error = exc
@@ -307,7 +331,7 @@ class SessionRelay(asyncssh.SSHServerSession[bytes]):
         elif self.stats.exit_status is not None:
             chan.exit(self.stats.exit_status)
         elif exc is not None:
-            self._fail(BastionError(f"connection to the host was lost: {exc}"))
+            self._fail(UpstreamLost(f"connection to the host was lost: {exc}"))
         else:
             chan.close()
         self._finish()
@@ -324,6 +348,8 @@ class _UpstreamSession(asyncssh.SSHClientSession[bytes]):
 
     def __init__(self, relay: SessionRelay) -> None:
         self._relay = relay
+        #: set when the channel has closed: (the exception or None,)
+        self.lost: tuple[Exception | None] | None = None
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         self._relay._upstream_data(data, datatype)
@@ -346,14 +372,18 @@ class _UpstreamSession(asyncssh.SSHClientSession[bytes]):
         self._relay.stats.detail["signal"] = (signal, core_dumped, msg, lang)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._relay._upstream_closed(exc)
+        self.lost = (exc,)
+        # a channel whose request the host refused closes too; the relay's
+        # start-up handles that refusal, so only the adopted channel ends it
+        if self._relay._up_session is self:
+            self._relay._upstream_closed(exc)
 
 
 # ---------------------------------------------------------------------------
 # tunnels
 
 
-class TunnelRelay(asyncssh.SSHTCPSession[bytes]):
+class TunnelRelay(asyncssh.SSHTCPSession[bytes], asyncssh.SSHUNIXSession[bytes]):
     """A TCP channel from the person, relayed to a stream.
 
     The far side is attached with :meth:`attach` once it is connected; data
@@ -365,7 +395,8 @@ class TunnelRelay(asyncssh.SSHTCPSession[bytes]):
     def __init__(self, stats: RelayStats, on_end: Callable[[RelayStats], None]) -> None:
         self.stats = stats
         self._on_end = on_end
-        self._chan: asyncssh.SSHTCPChannel[bytes] | None = None
+        # direct-tcpip / forwarded-tcpip, or their streamlocal twins (sockets)
+        self._chan: asyncssh.SSHTCPChannel[bytes] | asyncssh.SSHUNIXChannel[bytes] | None = None
         self._far: _Endpoint | None = None
         self._held_down: list[bytes] = []
         self._far_eof = False
@@ -379,7 +410,9 @@ class TunnelRelay(asyncssh.SSHTCPSession[bytes]):
 
     # -- person side ---------------------------------------------------------
 
-    def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
+    def connection_made(
+        self, chan: asyncssh.SSHTCPChannel[bytes] | asyncssh.SSHUNIXChannel[bytes]
+    ) -> None:
         self._chan = chan
 
     def session_started(self) -> None:
@@ -393,18 +426,34 @@ class TunnelRelay(asyncssh.SSHTCPSession[bytes]):
         if self._far is not None:
             self._far.resume_reading()
 
+    # These run inside asyncssh's packet handling, where any exception makes
+    # asyncssh drop the person's whole connection (every channel, no
+    # DISCONNECT): a far side that fails ends this tunnel only.
+
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         far = self._far
         if far is not None and not far.is_closing():
             self.stats.bytes_up += len(data)
-            far.write(data)
+            self._to_far(far.write, data)
 
     def eof_received(self) -> bool:
         self._person_eof = True
-        if self._far is not None and not self._far.is_closing():
-            self._far.write_eof()
+        far = self._far
+        if far is not None and not far.is_closing():
+            # a TCP far side whose EOF came first is no longer read, so a
+            # reset after it goes unnoticed until asyncio's write_eof()
+            # (a bare shutdown()) raises ENOTCONN
+            self._to_far(far.write_eof)
         self._close_if_both_ended()
         return True
+
+    def _to_far(self, action: Callable[..., None], *args: bytes) -> None:
+        try:
+            action(*args)
+        except (OSError, asyncssh.Error) as exc:
+            log.debug("tunnel far side failed: %s", exc)
+            assert self._far is not None
+            self._far.close()  # its connection_lost ends this tunnel
 
     def pause_writing(self) -> None:
         if self._far is not None:
@@ -501,11 +550,14 @@ class _TcpFar(_FarEvents, asyncio.Protocol):
         self._relay.far_data(data)
 
 
-class ChannelFar(_FarEvents, asyncssh.SSHTCPSession[bytes]):
-    """An SSH TCP channel (upstream ``direct-tcpip``, or ``forwarded-tcpip`` back
-    to the person for ``-R``) as the far side of a TunnelRelay."""
+class ChannelFar(_FarEvents, asyncssh.SSHTCPSession[bytes], asyncssh.SSHUNIXSession[bytes]):
+    """An SSH TCP or socket channel (upstream ``direct-tcpip``, or
+    ``forwarded-tcpip`` back to the person for ``-R``, and their
+    ``streamlocal`` twins) as the far side of a TunnelRelay."""
 
-    def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
+    def connection_made(
+        self, chan: asyncssh.SSHTCPChannel[bytes] | asyncssh.SSHUNIXChannel[bytes]
+    ) -> None:
         self._relay.attach(chan)
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
@@ -516,12 +568,4 @@ async def open_tcp_tunnel(relay: TunnelRelay, host: str, port: int, timeout: flo
     """Connect the bastion itself to ``host:port`` and attach it to ``relay``."""
     loop = asyncio.get_running_loop()
     await asyncio.wait_for(loop.create_connection(lambda: _TcpFar(relay), host, port), timeout)
-    return relay
-
-
-async def open_ssh_tunnel(
-    relay: TunnelRelay, conn: asyncssh.SSHClientConnection, host: str, port: int
-) -> TunnelRelay:
-    """Open ``direct-tcpip`` to ``host:port`` from the upstream host."""
-    await conn.create_connection(lambda: ChannelFar(relay), host, port, encoding=None)
     return relay

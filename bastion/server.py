@@ -12,28 +12,43 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import asyncssh
 
 from bastion.audit import AuditLog
 from bastion.auth import KeyDirectory, valid_username
 from bastion.config import ServerSettings
-from bastion.errors import BastionError, ForwardDenied, UpstreamAuthFailed
+from bastion.errors import (
+    BastionError,
+    ClientRefused,
+    ConfigError,
+    DirectoryUnavailable,
+    ForwardDenied,
+    HostUnreachable,
+    RequestDenied,
+    TooManyAuthFailures,
+    TooManyConnections,
+    UpstreamAuthFailed,
+    UpstreamRefused,
+)
 from bastion.metrics import Metrics
 from bastion.relay import (
     ChannelFar,
     RelayStats,
     SessionRelay,
     TunnelRelay,
-    open_ssh_tunnel,
     open_tcp_tunnel,
 )
 from bastion.routing import Destination, Route
+from bastion.sshd_compat import (
+    count_auth_failures,
+    handle_no_more_sessions,
+    transparent_channel,
+)
 from bastion.upstream import UpstreamLease
 
 log = logging.getLogger("bastion.server")
@@ -96,6 +111,9 @@ class BastionConnection(asyncssh.SSHServer):
         self._upstream_lock = asyncio.Lock()
         self._channels = 0
         self._refusal: BastionError | None = None
+        self._auth_failures = 0
+        self._no_more_sessions = False
+        self._sessions = 0
         self._started = time.monotonic()
 
     # -- connection lifecycle ------------------------------------------------
@@ -104,10 +122,6 @@ class BastionConnection(asyncssh.SSHServer):
         self.conn = conn
         peer = conn.get_extra_info("peername") or ("?", 0)
         self.source = f"{peer[0]}:{peer[1]}"
-        sock = conn.get_extra_info("socket")
-        if isinstance(sock, socket.socket):
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._ctx.metrics.connections.inc()
         if not self._registry.admit(self):
             log.warning(
@@ -115,10 +129,20 @@ class BastionConnection(asyncssh.SSHServer):
                 self.source,
                 self._ctx.settings.max_unauthenticated,
             )
-            conn.disconnect(asyncssh.DISC_TOO_MANY_CONNECTIONS, "too many connections")
+            # after asyncssh has sent its version line (it does so when this
+            # returns): a disconnect packet before it is garbage to the client
+            # ("banner line contains invalid characters"); after it, OpenSSH
+            # prints "Received disconnect ...: too many ..." and exits 255
+            asyncio.get_running_loop().call_soon(
+                self._disconnect,
+                TooManyConnections("too many unauthenticated connections, try again later"),
+                asyncssh.DISC_TOO_MANY_CONNECTIONS,
+            )
             return
         self._counted_unauth = True
         self._ctx.metrics.unauthenticated.inc()
+        count_auth_failures(conn, self._auth_failed)
+        handle_no_more_sessions(conn, self._set_no_more_sessions)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._leave_unauth()
@@ -130,25 +154,70 @@ class BastionConnection(asyncssh.SSHServer):
         for lease in [*self._spent_leases, self._lease]:
             if lease is not None:
                 lease.release()
-        if self._channels == 0:
-            outcome = (
-                "refused"
-                if self._refusal
-                else ("authenticated" if self._authenticated else "auth-failed")
-            )
-            reason = self._refusal.reason if self._refusal else None
-            if not self._authenticated:
-                self._ctx.metrics.logins.labels("auth-failed", "auth").inc()
-            self._ctx.audit.record(
-                "connection",
-                conn=self.conn_id,
-                user=self.user or None,
-                source=self.source,
-                outcome=outcome,
-                reason=reason,
-                route=self._route.raw if self._route else None,
-                duration_ms=round((time.monotonic() - self._started) * 1000),
-            )
+        # one record per connection, also after channels had theirs: how it
+        # ended, and (for a refusal) why
+        outcome = (
+            "refused"
+            if self._refusal
+            else ("authenticated" if self._authenticated else "auth-failed")
+        )
+        reason = self._refusal.reason if self._refusal else None
+        if isinstance(self._refusal, TooManyConnections):
+            return  # turned away at the door: a flood must not flood the audit log
+        if not self._authenticated:
+            self._ctx.metrics.logins.labels("auth-failed", reason or "auth").inc()
+        self._ctx.audit.record(
+            "connection",
+            conn=self.conn_id,
+            user=self.user or None,
+            source=self.source,
+            outcome=outcome,
+            reason=reason,
+            message=self._refusal.user_message if self._refusal else None,
+            route=self._route.raw if self._route else None,
+            channels=self._channels,
+            auth_failures=self._auth_failures or None,
+            closed_by=_closed_by(exc),
+            duration_ms=round((time.monotonic() - self._started) * 1000),
+        )
+
+    def _disconnect(self, exc: BastionError, code: int = asyncssh.DISC_BY_APPLICATION) -> None:
+        """End the connection with ``exc``'s message, which OpenSSH clients print
+        at every log level but QUIET ("Received disconnect from ...: bastion: ...")
+        and exit 255; the connection's audit record names the reason."""
+        if self._refusal is None or isinstance(exc, TooManyAuthFailures):
+            self._refusal = exc
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                self.conn.disconnect(code, f"bastion: {exc.user_message}")
+
+    def _auth_failed(self, counted: bool) -> bool:
+        """Before each auth failure is sent: sshd's MaxAuthTries, which disconnects
+        with "Too many authentication failures" instead of the last failure
+        (sshd_config(5), auth2.c userauth_finish). False: disconnected."""
+        if not counted:
+            return True
+        self._auth_failures += 1
+        limit = self._ctx.settings.max_auth_attempts
+        if self._auth_failures < limit:
+            return True
+        log.warning(
+            "%s from %s: %d failed authentication attempts, disconnecting",
+            self.user or "?",
+            self.source,
+            self._auth_failures,
+        )
+        # sshd's own wording and code (packet.c: SSH2_DISCONNECT_PROTOCOL_ERROR)
+        self._refusal = TooManyAuthFailures("Too many authentication failures")
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                self.conn.disconnect(
+                    asyncssh.DISC_PROTOCOL_ERROR, "Too many authentication failures"
+                )
+        return False
+
+    def _set_no_more_sessions(self) -> None:
+        self._no_more_sessions = True
 
     def _leave_unauth(self) -> None:
         if self._counted_unauth:
@@ -167,11 +236,14 @@ class BastionConnection(asyncssh.SSHServer):
             return True
         if keys is not None:
             self.conn.set_authorized_keys(keys)
-        if problem is not None:
-            # the same text for every user name, so it reveals no accounts
+        if isinstance(problem, DirectoryUnavailable):
+            # no login can be routed now, so none is authenticated: say why in
+            # a disconnect, which the client shows whatever its LogLevel (an
+            # auth banner is hidden below INFO). The same for every user name,
+            # so it reveals no accounts.
+            self._disconnect(problem, asyncssh.DISC_SERVICE_NOT_AVAILABLE)
+        elif problem is not None:
             self._refusal = problem
-            with contextlib.suppress(Exception):
-                self.conn.send_auth_banner(f"bastion: {problem.user_message}\r\n")
         return True
 
     def public_key_auth_supported(self) -> bool:
@@ -208,11 +280,9 @@ class BastionConnection(asyncssh.SSHServer):
         except UpstreamAuthFailed:
             return False
         except BastionError as exc:
-            # the person learns why (e.g. host down) instead of a bare "denied"
-            self._refusal = exc
-            if self.conn is not None:
-                with contextlib.suppress(Exception):
-                    self.conn.send_auth_banner(f"bastion: {exc.user_message}\r\n")
+            # the person learns why (e.g. host down) instead of a bare "denied";
+            # no other method could route the login either
+            self._disconnect(exc)
             return False
 
     def auth_completed(self) -> None:
@@ -332,14 +402,36 @@ class BastionConnection(asyncssh.SSHServer):
             upstream_login=self._lease.origin if self._lease else None,
         )
 
-    def session_requested(self) -> SessionRelay:
-        return SessionRelay(
+    def session_requested(self) -> tuple[asyncssh.SSHServerChannel[bytes], SessionRelay]:
+        assert self.conn is not None
+        if self._no_more_sessions:
+            # sshd's answer (session.c session_open)
+            self._refuse_channel(
+                RequestDenied("a session after no-more-sessions@openssh.com"), "session", ""
+            )
+            self._disconnect(
+                RequestDenied(
+                    "Possible attack: attempt to open a session after additional sessions disabled"
+                ),
+                asyncssh.DISC_PROTOCOL_ERROR,
+            )
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "no more sessions"
+            )
+        self._sessions += 1
+        relay = SessionRelay(
             self.upstream,
             self._ctx.settings.env_allow,
             self._channel_stats("session"),
             self._channel_ended,
             reopen_upstream=self.private_upstream,
+            on_refused=self._request_refused,
         )
+        return transparent_channel(self.conn), relay
+
+    def _request_refused(self, request: str, why: str) -> None:
+        """A request on a session channel refused by the bastion (X11, agent)."""
+        self._refuse_channel(RequestDenied(why), request, "")
 
     def connection_requested(
         self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
@@ -347,20 +439,26 @@ class BastionConnection(asyncssh.SSHServer):
         return self._open_tunnel(dest_host, dest_port)
 
     async def _open_tunnel(self, host: str, port: int) -> TunnelRelay:
-        """A ``direct-tcpip`` channel: ``ssh -J``/``-W`` or ``ssh -L``.
+        """A ``direct-tcpip`` channel: ``ssh -J``/``-W`` or ``ssh -L``/``-D``.
 
         A destination the directory routes this user to is a jump: the
         bastion connects to it itself. Anything else is local forwarding
         through the routed host, only where the user's policy allows it.
         """
-        target = f"{host}:{port}"
+        target = _hostport(host, port)
         try:
             dest = self._ctx.router.jump_destination(self.user, host, port)
-        except ForwardDenied as denied:
+        except ForwardDenied:
             if not self._policy_allows("local_forwarding"):
+                denied = ForwardDenied(
+                    f"{self.user} may not connect to {target}: not a jump host in the "
+                    "directory, and local forwarding (-L, -D) is off"
+                )
                 self._refuse_channel(denied, "tunnel", target)
                 raise _open_error(denied) from None
-            return await self._forward_via_upstream(host, port)
+            return await self._forward_via_upstream(
+                "forward", target, lambda up, far: up.create_connection(far, host, port)
+            )
         except BastionError as exc:
             self._refuse_channel(exc, "tunnel", target)
             raise _open_error(exc) from None
@@ -371,12 +469,34 @@ class BastionConnection(asyncssh.SSHServer):
             return await open_tcp_tunnel(relay, dest.host, dest.port, self._ctx.tunnel_timeout)
         except (OSError, TimeoutError) as exc:
             reason = getattr(exc, "strerror", None) or "timed out"
-            err = BastionError(f"cannot reach {dest.label}: {reason}")
+            err = HostUnreachable(f"cannot reach {dest.label}: {reason}")
             stats.error = err
             self._channel_ended(stats)
-            raise asyncssh.ChannelOpenError(
-                asyncssh.OPEN_CONNECT_FAILED, err.user_message
-            ) from None
+            raise _open_error(err) from None
+
+    def unix_connection_requested(self, dest_path: str) -> Awaitable[TunnelRelay]:
+        """``ssh -L PORT:/path/to.sock``: the routed host connects to its socket."""
+        return self._open_unix_tunnel(dest_path)
+
+    async def _open_unix_tunnel(self, path: str) -> TunnelRelay:
+        if not self._policy_allows("local_forwarding"):
+            denied = ForwardDenied(
+                f"{self.user} may not connect to the socket {path}: local forwarding is off"
+            )
+            self._refuse_channel(denied, "forward", path)
+            raise _open_error(denied)
+        return await self._forward_via_upstream(
+            "forward", path, lambda up, far: up.create_unix_connection(far, path)
+        )
+
+    def tun_requested(self, unit: int | None) -> bool:
+        """``ssh -w``: refused as sshd refuses it with ``PermitTunnel no``."""
+        denied = RequestDenied("tunnel device forwarding (ssh -w) is not carried by the bastion")
+        self._refuse_channel(denied, "tun", "" if unit is None else f"tun{unit}")
+        raise _open_error(denied)
+
+    def tap_requested(self, unit: int | None) -> bool:
+        return self.tun_requested(unit)
 
     def _policy_allows(self, what: str) -> bool:
         """The user's forwarding policy (fails closed when there is no route)."""
@@ -386,27 +506,37 @@ class BastionConnection(asyncssh.SSHServer):
             return False
         return bool(getattr(route.policy, what))
 
-    async def _forward_via_upstream(self, host: str, port: int) -> TunnelRelay:
+    async def _forward_via_upstream(
+        self,
+        kind: str,
+        target: str,
+        open_far: Callable[
+            [asyncssh.SSHClientConnection, Callable[[], ChannelFar]], Awaitable[object]
+        ],
+    ) -> TunnelRelay:
         """``ssh -L``: the routed host opens the connection, as if logged in there."""
-        target = f"{host}:{port}"
         try:
             upstream = await self.upstream()
         except BastionError as exc:
-            self._refuse_channel(exc, "forward", target)
+            self._refuse_channel(exc, kind, target)
             raise _open_error(exc) from None
-        stats = self._channel_stats("forward")
+        stats = self._channel_stats(kind)
         stats.detail["target"] = target
         relay = TunnelRelay(stats, self._channel_ended)
         try:
-            return await open_ssh_tunnel(relay, upstream, host, port)
+            await open_far(upstream, lambda: ChannelFar(relay))
         except asyncssh.ChannelOpenError as exc:
-            stats.error = BastionError(f"{target} via the host: {exc.reason}")
+            # the host's own words, with its code: the client prints them as
+            # it would for a direct login ("connect failed: Connection refused")
+            stats.error = UpstreamRefused(f"{target} via the host: {exc.reason}")
             self._channel_ended(stats)
             raise
-        except OSError as exc:
-            stats.error = BastionError(f"{target} via the host: {exc}")
+        except (OSError, asyncssh.Error) as exc:
+            err = UpstreamRefused(f"{target} via the host: {exc}")
+            stats.error = err
             self._channel_ended(stats)
-            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, str(exc)) from None
+            raise _open_error(err) from None
+        return relay
 
     def _refuse_channel(self, exc: BastionError, kind: str, target: str) -> None:
         log.warning(
@@ -417,25 +547,49 @@ class BastionConnection(asyncssh.SSHServer):
             conn=self.conn_id,
             user=self.user,
             source=self.source,
-            upstream=target,
+            upstream=target or None,
             outcome="refused",
             reason=exc.reason,
             message=exc.user_message,
         )
-        self._channels += 1  # the refusal is this channel's record
 
     def server_requested(
         self, listen_host: str, listen_port: int
     ) -> Awaitable[asyncssh.SSHListener | bool]:
-        return self._remote_forward(listen_host, listen_port)
+        target = _hostport(listen_host, listen_port)
+
+        def listen(up: asyncssh.SSHClientConnection, incoming: Any) -> Awaitable[Any]:
+            return up.create_server(incoming, listen_host, listen_port, encoding=None)
+
+        def back(
+            front: asyncssh.SSHServerConnection, far: Any, port: int, *orig: Any
+        ) -> Awaitable[Any]:
+            # the port the host allocated for `-R 0:...`: the client matches
+            # forwarded-tcpip channels by it ("unknown listen_port 0" otherwise)
+            return front.create_connection(far, listen_host, port, *orig, encoding=None)
+
+        return self._remote_forward(target, listen, back)
+
+    def unix_server_requested(self, listen_path: str) -> Awaitable[asyncssh.SSHListener | bool]:
+        def listen(up: asyncssh.SSHClientConnection, incoming: Any) -> Awaitable[Any]:
+            return up.create_unix_server(incoming, listen_path, encoding=None)
+
+        def back(
+            front: asyncssh.SSHServerConnection, far: Any, port: int, *orig: Any
+        ) -> Awaitable[Any]:
+            return front.create_unix_connection(far, listen_path, encoding=None)
+
+        return self._remote_forward(listen_path, listen, back)
 
     async def _remote_forward(
-        self, listen_host: str, listen_port: int
+        self,
+        target: str,
+        listen: Callable[[asyncssh.SSHClientConnection, Any], Awaitable[Any]],
+        back: Callable[..., Awaitable[Any]],
     ) -> asyncssh.SSHListener | bool:
         """``ssh -R``: the routed host listens; its connections come back to the person."""
-        target = f"{listen_host}:{listen_port}"
         if not self._policy_allows("remote_forwarding"):
-            exc = ForwardDenied(f"{self.user} may not forward remote ports")
+            exc = ForwardDenied(f"{self.user} may not forward remote ports or sockets")
             self._refuse_channel(exc, "remote-forward", target)
             return False
         try:
@@ -445,24 +599,18 @@ class BastionConnection(asyncssh.SSHServer):
             return False
         front = self.conn
         assert front is not None
+        ports: list[int] = [0]
 
-        async def incoming(orig_host: str, orig_port: int) -> TunnelRelay:
+        async def incoming(*orig: object) -> TunnelRelay:
             # open the person's side first, so the host's connection is
             # accepted only once there is somewhere for its bytes to go
             stats = self._channel_stats("remote-forward")
             stats.detail["target"] = target
             relay = TunnelRelay(stats, self._channel_ended)
             try:
-                await front.create_connection(
-                    lambda: ChannelFar(relay),
-                    listen_host,
-                    listen_port,
-                    orig_host,
-                    orig_port,
-                    encoding=None,
-                )
+                await back(front, lambda: ChannelFar(relay), ports[0], *orig)
             except (asyncssh.ChannelOpenError, OSError) as exc:
-                stats.error = BastionError(f"the client refused {target}: {exc}")
+                stats.error = ClientRefused(f"the client refused {target}: {exc}")
                 self._channel_ended(stats)
                 raise asyncssh.ChannelOpenError(
                     asyncssh.OPEN_CONNECT_FAILED, "the client refused the connection"
@@ -473,23 +621,35 @@ class BastionConnection(asyncssh.SSHServer):
             # the listener is this connection's: no one else gets this upstream
             self._lease.retire()
         try:
-            listener = await upstream.create_server(
-                incoming, listen_host, listen_port, encoding=None
-            )
+            listener = await listen(upstream, incoming)
         except (asyncssh.ChannelListenError, OSError) as exc:
-            log.warning("remote forward %s for %s failed: %s", target, self.user, exc)
+            refused = UpstreamRefused(f"the host refused: {exc}")
+            self._refuse_channel(refused, "remote-forward", target)
             return False
+        with contextlib.suppress(Exception):
+            ports[0] = int(listener.get_port())
         self._listeners.append(listener)
-        return listener
+        return cast(asyncssh.SSHListener, listener)
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _closed_by(exc: Exception | None) -> str:
+    """Who ended a connection, for its audit record."""
+    if exc is None:
+        return "bastion"
+    if isinstance(exc, asyncssh.ConnectionLost):
+        return "client"
+    if isinstance(exc, asyncssh.DisconnectError):
+        return f"client: {exc.reason}"[:200]
+    return f"error: {type(exc).__name__}"
 
 
 def _open_error(exc: BastionError) -> asyncssh.ChannelOpenError:
-    code = (
-        asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED
-        if isinstance(exc, ForwardDenied)
-        else asyncssh.OPEN_CONNECT_FAILED
-    )
-    return asyncssh.ChannelOpenError(code, exc.user_message)
+    """The channel-open failure a person's client sees for ``exc``."""
+    return asyncssh.ChannelOpenError(exc.open_code, exc.user_message)
 
 
 class ConnectionRegistry:
@@ -545,7 +705,7 @@ class BastionServer:
             try:
                 host_keys += asyncssh.load_keypairs(str(path))
             except (OSError, asyncssh.KeyImportError, ValueError) as exc:
-                raise BastionError(f"cannot load the host key {path}: {exc}") from exc
+                raise ConfigError(f"[server] host_keys: cannot load {path}: {exc}") from exc
         options: dict[str, Any] = {
             "server_host_keys": host_keys,
             # no GSSAPI here; asyncssh would otherwise look up the machine's
@@ -568,7 +728,7 @@ class BastionServer:
                 factory, s.listen_host or None, s.listen_port, reuse_address=True, **options
             )
         except (OSError, asyncssh.KeyImportError, ValueError) as exc:
-            raise BastionError(f"cannot listen on {s.listen}: {exc}") from exc
+            raise ConfigError(f"[server] listen: cannot listen on {s.listen}: {exc}") from exc
         log.info("listening on %s", s.listen)
 
     async def stop(self, drain_timeout: float = 10.0) -> dict[str, int]:

@@ -148,13 +148,14 @@ try:  # internals: a different asyncssh may have moved them
         MSG_CHANNEL_DATA,
         MSG_CHANNEL_EOF,
         MSG_CHANNEL_EXTENDED_DATA,
+        MSG_CHANNEL_WINDOW_ADJUST,
         MSG_IGNORE,
     )
     from asyncssh.crypto.chacha import ChachaCipher
     from asyncssh.crypto.cipher import BasicCipher, GCMCipher
     from asyncssh.encryption import BasicEncryption, ChachaEncryption, GCMEncryption
     from asyncssh.logging import SSHLogger
-    from asyncssh.misc import DisconnectError, MACError
+    from asyncssh.misc import DisconnectError, MACError, ProtocolError
     from asyncssh.packet import SSHPacketLogger, String, UInt32
 except ImportError as exc:  # pragma: no cover - only on an unverified asyncssh
     _IMPORT_PROBLEM: str | None = f"asyncssh internals not found: {exc}"
@@ -211,6 +212,13 @@ FINGERPRINTS = {
     "SSHChannel._process_data": "342490795c4b893c",
     "SSHChannel._accept_data": "33121e9e185c9850",
     "SSHPacketHandler.process_packet": "490a59d971d0ce03",
+}
+
+# the window fix (not a speed-up: installed whatever BASTION_TUNING says)
+WINDOW_FIX_FINGERPRINTS = {
+    "SSHChannel._deliver_data": "bd94ccbaa59ab510",
+    "SSHChannel._accept_data": "33121e9e185c9850",
+    "SSHChannel._flush_recv_buf": "22d7ff2363a4d38d",
 }
 
 # reads shorter than this re-arm TCP_QUICKACK after authentication: a peer
@@ -636,6 +644,57 @@ def _install_fast_receive() -> None:
     SSHConnection._recv_packet = fast_recv_packet  # type: ignore[method-assign]
 
 
+def _install_window_fix() -> bool:
+    """Credit the peer's window only for data handed to the session.
+
+    asyncssh's ``_deliver_data`` sends a window adjust of ``init - window``
+    whenever the window is below half, counting data still queued in
+    ``_recv_buf`` (received while reading was paused) as consumed. Each
+    resume that delivers one packet re-opens the whole window, so a channel
+    paused and resumed often (flow control towards a slower sink) buffers
+    without bound. Here the adjust is the bytes actually delivered since the
+    last one (OpenSSH's ``local_consumed``): received + buffered never exceeds
+    the window. With nothing buffered the packets sent are the same as asyncssh's.
+    """
+    if (SSHChannel, "_deliver_data") in _State.originals:
+        return True
+    funcs: dict[str, Callable[..., Any]] = {
+        "SSHChannel._deliver_data": SSHChannel._deliver_data,
+        "SSHChannel._accept_data": SSHChannel._accept_data,
+        "SSHChannel._flush_recv_buf": SSHChannel._flush_recv_buf,
+    }
+    changed = [n for n, f in WINDOW_FIX_FINGERPRINTS.items() if fingerprint(funcs[n]) != f]
+    if changed:
+        log.warning("asyncssh channel window fix not applied (%s changed)", ", ".join(changed))
+        return False
+    _replace(SSHChannel, "_deliver_data", None)
+    SSHChannel._recv_consumed = 0  # type: ignore[attr-defined]
+
+    def deliver_data(self: SSHChannel[Any], data: bytes, datatype: Any) -> None:
+        # asyncssh's _deliver_data; only the adjust differs
+        consumed = self._recv_consumed + len(data)  # type: ignore[attr-defined]
+        if consumed > self._init_recv_window / 2:
+            self._recv_window += consumed
+            self.logger.debug2(
+                "Sending window adjust of %d bytes, new window %d", consumed, self._recv_window
+            )
+            self.send_packet(MSG_CHANNEL_WINDOW_ADJUST, UInt32(consumed))
+            consumed = 0
+        self._recv_consumed = consumed  # type: ignore[attr-defined]
+        decoded: Any = data
+        if self._encoding:
+            try:
+                assert self._decoder is not None
+                decoded = self._decoder.decode(data)
+            except UnicodeDecodeError as exc:
+                raise ProtocolError(str(exc)) from None
+        if self._session is not None:
+            self._session.data_received(decoded, datatype)
+
+    SSHChannel._deliver_data = deliver_data  # type: ignore[method-assign]
+    return True
+
+
 def _install(features: frozenset[str]) -> None:
     if "fast_receive" in features:
         # first: exact_receive recognises the parser step it installs
@@ -735,6 +794,8 @@ def _install(features: frozenset[str]) -> None:
 def apply(features: Collection[str] = FEATURES) -> bool:
     """Install the speed-ups once; False (and a warning) where asyncssh differs."""
     wanted = frozenset(features)
+    if _IMPORT_PROBLEM is None:
+        _install_window_fix()
     if not wanted:
         log.info("asyncssh speed-ups off (BASTION_TUNING=none)")
         return True
@@ -785,4 +846,6 @@ def revert() -> None:
     for (owner, attr), original in _State.originals.items():
         setattr(owner, attr, original)
     _State.originals = {}
+    if "_recv_consumed" in SSHChannel.__dict__:
+        del SSHChannel._recv_consumed  # type: ignore[attr-defined]
     _State.features = frozenset()

@@ -9,8 +9,9 @@ made: there is no trust on first use.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import ipaddress
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -87,7 +88,11 @@ class HostKeyPolicy:
                 ) from None
             log.error("known_hosts %s unreadable, keeping the previous copy: %s", self._path, exc)
 
-    def trusted_for(self, dest: Destination) -> TrustedHostKeys:
+    def trusted_for(self, dest: Destination, addr: str) -> TrustedHostKeys:
+        """The keys ``dest`` may present when reached at the IP address ``addr``:
+        known_hosts lines naming its node name, its route host name or that
+        address (as OpenSSH's ``CheckHostIP``), and the directory's host keys
+        for any of them."""
         host_keys: list[asyncssh.SSHKey] = []
         ca_keys: list[asyncssh.SSHKey] = []
         revoked: list[asyncssh.SSHKey] = []
@@ -96,12 +101,12 @@ class HostKeyPolicy:
             self._reload()
             assert self._known is not None
             for name in {dest.node or dest.host, dest.host}:
-                matched = self._known.match(name, dest.host, port)
+                matched = self._known.match(name, addr, port)
                 host_keys += matched[0]
                 ca_keys += matched[1]
                 revoked += matched[2]
         if self._directory_keys is not None:
-            names = [n for n in (dest.node, dest.host) if n]
+            names = list(dict.fromkeys(n for n in (dest.node, dest.host, addr) if n))
             for line in self._directory_keys(names):
                 try:
                     host_keys.append(asyncssh.import_public_key(line))
@@ -157,7 +162,8 @@ class UpstreamConnector:
         mode); otherwise a fresh certificate is minted for this login.
         Raises an :class:`UpstreamError` or :class:`CredentialError`.
         """
-        trusted = self._host_keys.trusted_for(dest)
+        addr = await resolve(dest.host, dest.port, dest.label)
+        trusted = self._host_keys.trusted_for(dest, addr)
         if trusted.empty:
             raise HostKeyMismatch(
                 f"no known host key for {dest.label}; refusing to connect",
@@ -185,7 +191,7 @@ class UpstreamConnector:
             kwargs.update(agent_forwarding=True, agent_path=agent_path)
         try:
             conn = await asyncssh.connect(
-                dest.host,
+                addr,
                 dest.port,
                 username=dest.login,
                 known_hosts=known,
@@ -208,17 +214,28 @@ class UpstreamConnector:
         except TimeoutError:
             raise HostUnreachable(f"{dest.label} did not answer in time") from None
         except OSError as exc:
-            reason = exc.strerror or str(exc) or type(exc).__name__
+            reason = os.strerror(exc.errno) if exc.errno else str(exc) or type(exc).__name__
             raise HostUnreachable(f"cannot reach {dest.label}: {reason}") from None
-        _tune_socket(conn)
         return conn
 
 
-def _tune_socket(conn: asyncssh.SSHClientConnection) -> None:
-    sock = conn.get_extra_info("socket")
-    if isinstance(sock, socket.socket):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+async def resolve(host: str, port: int, label: str) -> str:
+    """The IP address to connect to for ``host`` (an IP literal or a DNS name),
+    so that the host key is matched against the address actually reached.
+    Raises :class:`HostUnreachable` when the name does not resolve."""
+    try:
+        return ipaddress.ip_address(host).compressed
+    except ValueError:
+        pass
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise HostUnreachable(f"cannot resolve {label}: {reason}") from None
+    if not infos:
+        raise HostUnreachable(f"cannot resolve {label}: no address")
+    return str(infos[0][4][0])
 
 
 # --------------------------------------------------------------------------

@@ -120,4 +120,10 @@ if ! getent shadow carol | cut -d: -f2 | grep -q '^\$'; then
   echo 'carol:carol-test-pass' | chpasswd || fail "chpasswd carol"
 fi
 step "accounts: alice bob (keys only), carol (password)"
+
+# --- a DNS name for route-form tests (RFC 2606 reserves .test) --------------
+if ! grep -q '[[:space:]]host-102\.bastion\.test\b' /etc/hosts; then
+  printf '127.0.1.102 host-102.bastion.test\n' >> /etc/hosts || fail "cannot add to /etc/hosts"
+fi
+step "/etc/hosts: host-102.bastion.test -> 127.0.1.102"
 step "done"

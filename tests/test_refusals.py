@@ -91,7 +91,7 @@ def test_unhealthy_host_is_not_used(
     )
     result = ssh(bastion.port, "dave", dave.key, "hostname; id -un")
     assert result.stdout == b"host-101\nalice\n", result.stderr
-    record = bastion.wait_audit(lambda r: r.get("user") == "dave")
+    record = bastion.wait_audit(lambda r: r.get("event") == "session" and r.get("user") == "dave")
     assert record["upstream"].startswith("host-101")
 
 
@@ -271,7 +271,13 @@ def test_audit_record_of_a_refusal(
     time.sleep(1.0)
     result = ssh(bastion.port, "dave", dave.key, "true")
     assert b"no route for dave" in result.stderr
-    record = bastion.wait_audit(lambda r: r.get("user") == "dave" and r.get("reason") == "no-route")
+    record = bastion.wait_audit(
+        lambda r: (
+            r.get("event") == "session"
+            and r.get("user") == "dave"
+            and r.get("reason") == "no-route"
+        )
+    )
     assert record["outcome"] == "error"
     assert record["reason"] == "no-route"
     assert record["source"].startswith("127.0.0.1:")
@@ -348,8 +354,8 @@ def test_consul_outage_and_recovery(
         # past the bound: refused with the reason
         while time.monotonic() - stopped < stale_after + 1.5:
             time.sleep(0.1)
-        # (the reason comes as an auth banner, which OpenSSH shows from LogLevel INFO)
-        stale = ssh(proc.port, "alice", alice.key, "hostname", extra=("-o", "LogLevel=INFO"))
+        # the reason comes in a disconnect, which OpenSSH shows even at LogLevel=ERROR
+        stale = ssh(proc.port, "alice", alice.key, "hostname", extra=("-o", "LogLevel=ERROR"))
         assert stale.returncode == 255
         assert b"directory" in stale.stderr and b"unavailable" in stale.stderr
         # Consul back on the same address (a new cluster, secured the same way
@@ -473,10 +479,13 @@ def test_never_loaded_directory_refuses_with_reason(
     proc = BastionProcess(tmp_path / "bastion", sections).start()
     try:
         result = ssh(
-            proc.port, "alice", people["alice"].key, "hostname", extra=("-o", "LogLevel=INFO")
+            proc.port, "alice", people["alice"].key, "hostname", extra=("-o", "LogLevel=ERROR")
         )
         assert result.returncode == 255
         assert b"no routing table loaded yet" in result.stderr, result.stderr
+        assert b"Permission denied" not in result.stderr
+        record = proc.wait_audit(lambda r: r.get("event") == "connection")
+        assert record["reason"] == "directory-unavailable", record
     finally:
         proc.stop()
 
@@ -531,4 +540,4 @@ def test_unreadable_host_key_stops_start_with_a_clear_error(
         check=False,
     )
     assert result.returncode == 1
-    assert f"cannot load the host key {bad_key}: " in result.stderr, result.stderr
+    assert f"[server] host_keys: cannot load {bad_key}: " in result.stderr, result.stderr

@@ -527,3 +527,76 @@ def test_bastion_tuning_environment_variable() -> None:
     assert tuning.apply(tuning.features_from_env("none"))
     assert tuning.applied() == frozenset()
     assert SSHConnection.data_received is original
+
+
+class _SlowReader(asyncssh.SSHServerSession[bytes]):
+    """Takes one packet per resume, as a relay towards a slower sink does."""
+
+    def __init__(self, done: asyncio.Future[int]) -> None:
+        self._done = done
+        self._got = 0
+        self.peak = 0  # most the peer could have sent and we not yet consumed
+
+    def connection_made(self, chan: Any) -> None:
+        self._chan = chan
+
+    def shell_requested(self) -> bool:
+        return True
+
+    def data_received(self, data: bytes, datatype: Any) -> None:
+        chan = self._chan
+        self._got += len(data)
+        self.peak = max(self.peak, chan._recv_window + sum(len(d) for d, _ in chan._recv_buf))
+        chan.pause_reading()
+        asyncio.get_running_loop().call_later(0.001, chan.resume_reading)
+
+    def eof_received(self) -> bool:
+        self._done.set_result(self._got)
+        self._chan.exit(0)
+        return False
+
+
+@pytest.mark.parametrize("features", ["all", "none"])
+def test_paused_channel_buffers_no_more_than_its_window(features: str) -> None:
+    """Data queued while reading is paused still counts against the window
+    (asyncssh re-opened the whole window on every resume: unbounded buffering)."""
+    size = 8 * 1024 * 1024
+
+    async def run() -> tuple[int, int, int]:
+        host_key = asyncssh.generate_private_key("ssh-ed25519")
+        client_key = asyncssh.generate_private_key("ssh-ed25519")
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        sessions: list[_SlowReader] = []
+
+        class Server(_AnyoneServer):
+            def session_requested(self) -> _SlowReader:
+                sessions.append(_SlowReader(done))
+                return sessions[-1]
+
+        server = await asyncssh.create_server(
+            Server, "127.0.0.1", 0, server_host_keys=[host_key], encoding=None, config=None
+        )
+        port = server.sockets[0].getsockname()[1]
+        async with asyncssh.connect(
+            "127.0.0.1", port, **_client_options(client_key, "aes128-gcm@openssh.com")
+        ) as conn:
+            writer, _, _ = await conn.open_session(encoding=None)
+            chunk = b"\0" * 65536
+            for _ in range(size // len(chunk)):
+                writer.write(chunk)
+                await writer.drain()
+            writer.write_eof()
+            got = await asyncio.wait_for(done, 30)
+            window = writer.channel.get_recv_window()
+        server.close()
+        await server.wait_closed()
+        return got, sessions[0].peak, window
+
+    tuning.revert()
+    try:
+        assert tuning.apply(tuning.features_from_env(features))
+        got, peak, window = asyncio.run(run())
+    finally:
+        tuning.revert()
+    assert got == size
+    assert peak <= window, f"{peak} bytes in flight or queued, window {window}"
