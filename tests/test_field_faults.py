@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -247,6 +248,167 @@ def test_jump_to_a_dns_route(
     assert result.stdout == b"host-102\n", result.stderr
 
 
+class EchoServer:
+    """A TCP echo server on 127.0.0.1 (the client's side of a -R forward)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _echo(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(65536):
+                conn.sendall(data)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# -- 2. memory is bounded per channel, whatever shares a connection -------------
+
+MiB = 1024 * 1024
+
+
+def rss_kb(pid: int, field: str = "VmRSS") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} for {pid}")
+
+
+@pytest.fixture
+def bulk_bastion(
+    tmp_path: Path,
+    consul: ConsulAgent,
+    consul_tokens: ConsulTokens,
+    vault: VaultSetup,
+    known_hosts: Path,
+    directory_entries: None,
+) -> Iterator[BastionProcess]:
+    """A bastion of its own (reuse on), so its peak RSS is this test's."""
+    proc = start_bastion(tmp_path / "bastion", consul, consul_tokens, vault, known_hosts)
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+def bastion_pid(proc: BastionProcess) -> int:
+    assert proc.process is not None
+    return proc.process.pid
+
+
+def test_bulk_sessions_sharing_one_upstream_connection(
+    bulk_bastion: BastionProcess, people: dict[str, Person]
+) -> None:
+    """Two `head -c N | ssh cat | wc -c` at once on one reused upstream
+    connection (the fault: 67 MB -> 935 MB for 1 GiB each)."""
+    alice = people["alice"]
+    argv = via_bastion(bulk_bastion, "alice", alice.key)
+    first = run([*argv, "true"])  # opens the upstream connection the others reuse
+    assert first.returncode == 0, first.stderr
+    pid = bastion_pid(bulk_bastion)
+    before = rss_kb(pid)
+    size = 256 * MiB
+    command = " ".join(str(a) for a in argv)
+    procs = [
+        subprocess.Popen(
+            f"head -c {size} /dev/zero | {command} cat | wc -c",
+            shell=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert [int(out) for out, _ in outs] == [size, size], [err for _, err in outs]
+    records = [r for r in bulk_bastion.audit_records() if r["event"] == "session"]
+    assert sum(1 for r in records if r.get("upstream_login") != f"bastion:alice:{r['conn']}") >= 2
+    growth_mb = (rss_kb(pid, "VmHWM") - before) / 1024
+    assert growth_mb < 40, f"bastion peak RSS grew {growth_mb:.0f} MB"
+
+
+class SlowEcho(EchoServer):
+    """Echoes 64 KiB, then rests 2 ms: a sink slower than the relay."""
+
+    @staticmethod
+    def _echo(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(65536):
+                conn.sendall(data)
+                time.sleep(0.002)
+
+
+def test_many_channels_on_one_client_connection(
+    bulk_bastion: BastionProcess,
+    entry: Callable[[object], None],
+    hosts: dict[str, SshdHost],
+    people: dict[str, Person],
+) -> None:
+    """One client connection (as ControlMaster has), three `cat` sessions and
+    three `-L` tunnels to a slow echo server, all at once, both ways."""
+    echo = SlowEcho()
+    entry({"route": f"host-102:{hosts['host-102'].port}", "local_forwarding": True})
+    alice = people["alice"]
+    until(
+        lambda: run(via_bastion(bulk_bastion, "alice", alice.key, "true")),
+        lambda r: r.returncode == 0,
+    )
+    pid = bastion_pid(bulk_bastion)
+    size = 64 * MiB
+    chunk = bytes(range(256)) * 256
+
+    expected = hashlib.sha256(chunk * (size // len(chunk))).digest()
+
+    async def pump(writer: asyncssh.SSHWriter[bytes], reader: asyncssh.SSHReader[bytes]) -> bool:
+        async def send() -> None:
+            for _ in range(size // len(chunk)):
+                writer.write(chunk)
+                await writer.drain()
+            writer.write_eof()
+
+        sender = asyncio.ensure_future(send())
+        digest = hashlib.sha256()
+        while data := await reader.read(1 << 20):
+            digest.update(data)
+        await sender
+        return digest.digest() == expected
+
+    async def main() -> list[bool]:
+        async with asyncssh.connect(
+            "127.0.0.1", bulk_bastion.port, options=_asyncssh_conn(bulk_bastion, alice)
+        ) as conn:
+            streams = []
+            for _ in range(3):
+                w, r, _ = await conn.open_session("cat", encoding=None)
+                streams.append((w, r))
+            for _ in range(3):
+                r, w = await conn.open_connection("127.0.0.1", echo.port, encoding=None)
+                streams.append((w, r))
+            return list(await asyncio.gather(*(pump(w, r) for w, r in streams)))
+
+    before = rss_kb(pid)
+    try:
+        exact = asyncio.run(main())
+    finally:
+        echo.close()
+    assert exact == [True] * 6  # every byte back, in order
+    growth_mb = (rss_kb(pid, "VmHWM") - before) / 1024
+    assert growth_mb < 40, f"bastion peak RSS grew {growth_mb:.0f} MB"
+
+
 # -- 3. the end of one channel never ends its connection or other channels -----
 
 
@@ -398,34 +560,6 @@ def test_ending_tunnels_in_any_order_keeps_the_connection(
 
 
 # -- 4. ssh -R 0: the allocated port is named in the reply and the channels ---
-
-
-class EchoServer:
-    """A TCP echo server on 127.0.0.1 (the client's side of a -R forward)."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
-
-    @staticmethod
-    def _echo(conn: socket.socket) -> None:
-        with conn:
-            while data := conn.recv(65536):
-                conn.sendall(data)
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def read_until(stream: IO[bytes], pattern: bytes, timeout: float) -> re.Match[bytes] | None:
