@@ -14,16 +14,18 @@ import os
 import signal
 
 from bastion.audit import AuditLog
-from bastion.auth import KeyDirectory
-from bastion.config import Settings, env_token, read_secret_file
+from bastion.config import Settings, env_token, read_public_key_lines, read_secret_file
 from bastion.credentials import CertificateSigner, VaultClient, build_signer
+from bastion.directory import ConsulDirectory
 from bastion.errors import BastionError, ConfigError
+from bastion.fastpath import apply as apply_tuning
+from bastion.fastpath import features_from_env as tuning_features
+from bastion.identity import KeyDirectory
 from bastion.metrics import Metrics
-from bastion.routing import ConsulDirectory
+from bastion.policy import LoginPolicy
 from bastion.server import BastionServer, ServerContext
-from bastion.tuning import apply as apply_tuning
-from bastion.tuning import features_from_env as tuning_features
-from bastion.upstream import HostKeyPolicy, UpstreamConnector, UpstreamPool
+from bastion.trust import HostKeyPolicy
+from bastion.upstream import UpstreamConnector, UpstreamPool
 
 # the principal of the certificate minted at start to check signing works
 SELF_CHECK_PRINCIPAL = "bastion-self-check"
@@ -102,17 +104,20 @@ class Application:
             directory.host_keys if s.upstream.host_keys_from_directory else None,
         )
         self.pool = UpstreamPool(
-            UpstreamConnector(s.upstream, signer, host_keys),
+            UpstreamConnector(s.upstream, signer),
             idle=s.upstream.reuse_idle,
             max_age=s.upstream.reuse_max_age_seconds,
             max_shared=s.upstream.reuse_max_shared,
         )
-        keys = KeyDirectory(
-            directory.authorized_keys, s.server.authorized_keys_dir, s.server.user_ca_keys
+        ca_lines = (
+            read_public_key_lines(s.server.user_ca_keys, "[server] user_ca_keys")
+            if s.server.user_ca_keys is not None
+            else ()
         )
+        keys = KeyDirectory(directory.authorized_keys, s.server.authorized_keys_dir, ca_lines)
         ctx = ServerContext(
             settings=s.server,
-            router=directory,
+            policy=LoginPolicy(directory, host_keys),
             connector=self.pool,
             keys=keys,
             audit=self.audit,

@@ -47,7 +47,8 @@ def _serve(args: argparse.Namespace) -> int:
 def _route(args: argparse.Namespace) -> int:
     from bastion.app import consul_token
     from bastion.credentials import VaultClient
-    from bastion.routing import ConsulDirectory
+    from bastion.directory import ConsulDirectory
+    from bastion.directory.explain import describe
 
     settings = load_settings(args.config)
 
@@ -61,7 +62,7 @@ def _route(args: argparse.Namespace) -> int:
             await directory.start()
             try:
                 await directory.wait_loaded(settings.consul.request_timeout)
-                return directory.describe(args.user)
+                return describe(directory, args.user)
             finally:
                 await directory.aclose()
         finally:
@@ -81,7 +82,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from bastion.demo import run_demo
+    from devstack.demo import run_demo
 
     return run_demo(args.workdir, args.port)
 

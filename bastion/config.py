@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import stat
 import tomllib
+import urllib.parse
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -153,6 +154,36 @@ def split_host_port(value: str, default_port: int) -> tuple[str, int]:
     return host, int(port_s)
 
 
+def consul_base_url(address: str) -> str:
+    """``http://127.0.0.1:8500``, ``https://consul:8501`` or ``host:port`` → base URL.
+
+    Without a port: 8500 for http, 8501 for https (Consul's conventions).
+    Raises ValueError naming the problem.
+    """
+    text = address.strip()
+    if "://" not in text:
+        text = "http://" + text
+    parts = urllib.parse.urlsplit(text)
+    problem = None
+    try:
+        port = parts.port
+    except ValueError:
+        problem = "bad port"
+    if parts.scheme not in ("http", "https"):
+        problem = f"scheme must be http or https, not {parts.scheme!r}"
+    elif not parts.hostname:
+        problem = "no host"
+    elif parts.username or parts.password or parts.query or parts.path not in ("", "/"):
+        problem = "only scheme://host:port is allowed"
+    if problem:
+        raise ValueError(f"{problem}: {address!r}")
+    assert parts.hostname is not None
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    if port is None:
+        port = 8501 if parts.scheme == "https" else 8500
+    return f"{parts.scheme}://{host}:{port}"
+
+
 T = TypeVar("T")
 
 
@@ -245,6 +276,10 @@ def _validate(s: Settings, label: str) -> None:
             )
     if not s.server.auth_methods:
         raise bad("[server] auth_methods: must name at least one method")
+    try:
+        consul_base_url(s.consul.address)
+    except ValueError as exc:
+        raise bad(f"[consul] address: {exc}") from None
     token_sources = [
         x for x in (s.consul.token_file, s.consul.token_env, s.consul.token_vault_path) if x
     ]
@@ -313,6 +348,29 @@ def read_secret_file(path: Path, what: str) -> str:
     if not value:
         raise ConfigError(f"{what}: {path} is empty")
     return value
+
+
+def read_public_key_lines(path: Path, what: str) -> tuple[str, ...]:
+    """The OpenSSH public key lines of ``path`` (blank and ``#`` lines skipped);
+    ConfigError naming ``what`` when unreadable or a line is not a key."""
+    import asyncssh  # only here: settings parsing itself needs no SSH library
+
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot read {path}: {exc.strerror}") from None
+    lines = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            try:
+                asyncssh.import_public_key(line)
+            except (asyncssh.KeyImportError, ValueError):
+                raise ConfigError(
+                    f"{what}: {path} holds a line that is not an OpenSSH public key"
+                ) from None
+            lines.append(line)
+    return tuple(lines)
 
 
 def env_token(name: str) -> str:

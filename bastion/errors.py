@@ -45,6 +45,8 @@ class BastionError(Exception):
 
     reason = "internal-error"
     open_code = OPEN_CONNECT_FAILED
+    # the message is sshd's own wording, shown without the "bastion:" prefix
+    verbatim = False
 
     def __init__(self, user_message: str, *, detail: str | None = None) -> None:
         super().__init__(user_message)
@@ -137,6 +139,7 @@ class ClientRefused(ClientError):
 
 class TooManyAuthFailures(ClientError):
     reason = "max-auth-tries"
+    verbatim = True
 
 
 class TooManyConnections(ClientError):

@@ -5,6 +5,15 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from bastion.config import split_host_port
+from bastion.events import (
+    ChannelEnded,
+    ChannelOpened,
+    ConnectionAccepted,
+    ConnectionClosed,
+    Event,
+    LoginAccepted,
+    LoginRefused,
+)
 
 
 class Metrics:
@@ -33,6 +42,26 @@ class Metrics:
         self.unauthenticated = Gauge(
             "bastion_unauthenticated_connections", "Connections not yet authenticated", registry=r
         )
+
+    def handle(self, event: Event) -> None:
+        """The events subscriber."""
+        if isinstance(event, ConnectionAccepted):
+            self.connections.inc()
+        elif isinstance(event, LoginAccepted):
+            self.login_seconds.observe(event.seconds)
+            self.logins.labels("accepted", "").inc()
+            if event.reused:
+                self.upstream_reused.inc()
+        elif isinstance(event, LoginRefused):
+            self.logins.labels("refused", event.reason).inc()
+        elif isinstance(event, ChannelOpened):
+            self.channels_active.labels(event.kind).inc()
+        elif isinstance(event, ChannelEnded):
+            self.channels_active.labels(event.kind).dec()
+            self.bytes.labels("up").inc(event.bytes_up)
+            self.bytes.labels("down").inc(event.bytes_down)
+        elif isinstance(event, ConnectionClosed) and not event.authenticated:
+            self.logins.labels("auth-failed", event.reason or "auth").inc()
 
     def serve(self, listen: str) -> None:
         host, port = split_host_port(listen, 9102)

@@ -32,8 +32,8 @@ import asyncssh
 from asyncssh import EXTENDED_DATA_STDERR
 
 from bastion.errors import BastionError, UpstreamLost, UpstreamRefused
+from bastion.fastpath.sockets import QUICKACK_BELOW, quickack
 from bastion.sshd_compat import wire_bytes
-from bastion.tuning import QUICKACK_BELOW, quickack
 
 log = logging.getLogger("bastion.relay")
 

@@ -20,7 +20,6 @@ from typing import Any, Protocol, cast
 import asyncssh
 
 from bastion.audit import AuditLog
-from bastion.auth import KeyDirectory, valid_username
 from bastion.config import ServerSettings
 from bastion.errors import (
     BastionError,
@@ -35,7 +34,9 @@ from bastion.errors import (
     UpstreamAuthFailed,
     UpstreamRefused,
 )
+from bastion.identity import KeyDirectory, valid_user_name
 from bastion.metrics import Metrics
+from bastion.model import ForwardingPolicy, TunnelPlan, UpstreamPlan
 from bastion.relay import (
     ChannelFar,
     RelayStats,
@@ -43,7 +44,6 @@ from bastion.relay import (
     TunnelRelay,
     open_tcp_tunnel,
 )
-from bastion.routing import Destination, Route
 from bastion.sshd_compat import (
     count_auth_failures,
     handle_no_more_sessions,
@@ -54,12 +54,12 @@ from bastion.upstream import UpstreamLease
 log = logging.getLogger("bastion.server")
 
 
-class Router(Protocol):
-    """The narrow routing question the server asks (``ConsulDirectory`` answers)."""
+class Policy(Protocol):
+    """The narrow questions the front door asks (``bastion.policy.LoginPolicy`` answers)."""
 
-    def route_for(self, user: str) -> Route: ...
-    def resolve(self, route: Route) -> Destination: ...
-    def jump_destination(self, user: str, host: str, port: int) -> Destination: ...
+    def decide(self, user: str, key_id: str) -> UpstreamPlan: ...
+    def forwarding(self, user: str) -> ForwardingPolicy: ...
+    def tunnel(self, user: str, host: str, port: int) -> TunnelPlan: ...
 
 
 class Connector(Protocol):
@@ -67,10 +67,8 @@ class Connector(Protocol):
 
     async def acquire(
         self,
-        dest: Destination,
+        plan: UpstreamPlan,
         *,
-        user: str,
-        key_id: str,
         password: str | None = None,
         agent_path: str | None = None,
         private: bool = False,
@@ -82,7 +80,7 @@ class ServerContext:
     """Everything a connection needs, built once by the application."""
 
     settings: ServerSettings
-    router: Router
+    policy: Policy
     connector: Connector
     keys: KeyDirectory
     audit: AuditLog
@@ -102,8 +100,9 @@ class BastionConnection(asyncssh.SSHServer):
         self.source = ""
         self._authenticated = False
         self._counted_unauth = False
-        self._route: Route | None = None
-        self._dest: Destination | None = None
+        self._plan: UpstreamPlan | None = None
+        # the person's forwarding policy, read once when their login begins
+        self._forwarding = ForwardingPolicy()
         self._lease: UpstreamLease | None = None
         # leases given up for a private connection, released with this connection
         self._spent_leases: list[UpstreamLease] = []
@@ -174,7 +173,7 @@ class BastionConnection(asyncssh.SSHServer):
             outcome=outcome,
             reason=reason,
             message=self._refusal.user_message if self._refusal else None,
-            route=self._route.raw if self._route else None,
+            route=self._plan.route.raw if self._plan else None,
             channels=self._channels,
             auth_failures=self._auth_failures or None,
             closed_by=_closed_by(exc),
@@ -229,8 +228,9 @@ class BastionConnection(asyncssh.SSHServer):
 
     def begin_auth(self, username: str) -> bool:
         self.user = username
+        self._forwarding = self._ctx.policy.forwarding(username)
         keys, problem = self._ctx.keys.authorized_keys(
-            username, agent_forwarding=self._policy_allows("agent_forwarding")
+            username, agent_forwarding=self._forwarding.agent_forwarding
         )
         if self.conn is None:
             return True
@@ -270,7 +270,7 @@ class BastionConnection(asyncssh.SSHServer):
 
     async def _passthrough(self, username: str, password: str) -> bool:
         """Relay the person's password upstream; the host's answer decides."""
-        if not valid_username(username):
+        if not valid_user_name(username):
             return False
         try:
             async with self._upstream_lock:
@@ -296,18 +296,19 @@ class BastionConnection(asyncssh.SSHServer):
         return self._lease.conn if self._lease is not None else None
 
     async def _connect_upstream(self, password: str | None = None, private: bool = False) -> None:
-        """Route, then take an upstream connection (sets ``_lease``)."""
+        """Decide the plan, then take an upstream connection (sets ``_lease``)."""
         started = time.monotonic()
         try:
-            self._route = self._ctx.router.route_for(self.user)
-            self._dest = self._ctx.router.resolve(self._route)
+            if self._plan is None:
+                self._plan = self._ctx.policy.decide(
+                    self.user, f"bastion:{self.user}:{self.conn_id}"
+                )
+            plan = self._plan
             agent_path = None
-            if self._route.policy.agent_forwarding and self.conn is not None:
+            if plan.policy.agent_forwarding and self.conn is not None:
                 agent_path = self.conn.get_agent_path()
             lease = await self._ctx.connector.acquire(
-                self._dest,
-                user=self.user,
-                key_id=f"bastion:{self.user}:{self.conn_id}",
+                plan,
                 password=password,
                 agent_path=agent_path,
                 private=private,
@@ -332,11 +333,11 @@ class BastionConnection(asyncssh.SSHServer):
                 "login of %s from %s to %s (upstream connection of %s reused)",
                 self.user,
                 self.source,
-                self._dest.label,
+                plan.destination.label,
                 lease.origin,
             )
         else:
-            log.info("login of %s from %s to %s", self.user, self.source, self._dest.label)
+            log.info("login of %s from %s to %s", self.user, self.source, plan.destination.label)
 
     async def upstream(self) -> asyncssh.SSHClientConnection:
         """The upstream connection, opened on first use and shared by channels."""
@@ -362,7 +363,7 @@ class BastionConnection(asyncssh.SSHServer):
             self._lease = None
             log.info(
                 "%s refused a channel on a shared connection for %s; opening a private one",
-                self._dest.label if self._dest else "the host",
+                self._plan.destination.label if self._plan else "the host",
                 self.user,
             )
             await self._connect_upstream(private=True)
@@ -387,8 +388,8 @@ class BastionConnection(asyncssh.SSHServer):
             conn=self.conn_id,
             user=self.user,
             source=self.source,
-            route=self._route.raw if self._route else None,
-            upstream=self._dest.label if self._dest else stats.detail.get("target"),
+            route=self._plan.route.raw if self._plan else None,
+            upstream=self._plan.destination.label if self._plan else stats.detail.get("target"),
             outcome="error" if err else "ok",
             reason=err.reason if err else None,
             message=err.user_message if err else None,
@@ -447,21 +448,15 @@ class BastionConnection(asyncssh.SSHServer):
         """
         target = _hostport(host, port)
         try:
-            dest = self._ctx.router.jump_destination(self.user, host, port)
-        except ForwardDenied:
-            if not self._policy_allows("local_forwarding"):
-                denied = ForwardDenied(
-                    f"{self.user} may not connect to {target}: not a jump host in the "
-                    "directory, and local forwarding (-L, -D) is off"
-                )
-                self._refuse_channel(denied, "tunnel", target)
-                raise _open_error(denied) from None
-            return await self._forward_via_upstream(
-                "forward", target, lambda up, far: up.create_connection(far, host, port)
-            )
+            tunnel = self._ctx.policy.tunnel(self.user, host, port)
         except BastionError as exc:
             self._refuse_channel(exc, "tunnel", target)
             raise _open_error(exc) from None
+        dest = tunnel.destination
+        if dest is None:  # local forwarding, allowed by policy
+            return await self._forward_via_upstream(
+                "forward", target, lambda up, far: up.create_connection(far, host, port)
+            )
         stats = self._channel_stats("tunnel")
         stats.detail["target"] = dest.label
         relay = TunnelRelay(stats, self._channel_ended)
@@ -479,7 +474,7 @@ class BastionConnection(asyncssh.SSHServer):
         return self._open_unix_tunnel(dest_path)
 
     async def _open_unix_tunnel(self, path: str) -> TunnelRelay:
-        if not self._policy_allows("local_forwarding"):
+        if not self._forwarding.local_forwarding:
             denied = ForwardDenied(
                 f"{self.user} may not connect to the socket {path}: local forwarding is off"
             )
@@ -497,14 +492,6 @@ class BastionConnection(asyncssh.SSHServer):
 
     def tap_requested(self, unit: int | None) -> bool:
         return self.tun_requested(unit)
-
-    def _policy_allows(self, what: str) -> bool:
-        """The user's forwarding policy (fails closed when there is no route)."""
-        try:
-            route = self._ctx.router.route_for(self.user)
-        except BastionError:
-            return False
-        return bool(getattr(route.policy, what))
 
     async def _forward_via_upstream(
         self,
@@ -588,7 +575,7 @@ class BastionConnection(asyncssh.SSHServer):
         back: Callable[..., Awaitable[Any]],
     ) -> asyncssh.SSHListener | bool:
         """``ssh -R``: the routed host listens; its connections come back to the person."""
-        if not self._policy_allows("remote_forwarding"):
+        if not self._forwarding.remote_forwarding:
             exc = ForwardDenied(f"{self.user} may not forward remote ports or sockets")
             self._refuse_channel(exc, "remote-forward", target)
             return False

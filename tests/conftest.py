@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from bastion import devstack
-from bastion.devstack import BaoServer, ConsulAgent, SshdHost
+import devstack
+from devstack import BaoServer, ConsulAgent, SshdHost
 
 
 @pytest.fixture(scope="session")

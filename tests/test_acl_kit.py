@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from bastion.devstack import (
+from devstack import (
     ROOT,
     BaoServer,
     ConsulAgent,

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from bastion.check import check_ssh_banner
-from bastion.devstack import (
+from devstack import (
     ROOT,
     ConsulAgent,
     Process,

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import asyncssh
 import pytest
 
-from bastion import devstack
+import devstack
 from bastion.config import Settings, UpstreamSettings, VaultSettings
 from bastion.credentials import (
     BACKDATE_SECONDS,
@@ -32,11 +32,11 @@ from bastion.credentials import (
     UpstreamCredential,
     VaultCertificateSigner,
     VaultClient,
-    _parse_ed25519_cert,
     build_signer,
 )
-from bastion.devstack import BaoServer, SshdHost
+from bastion.credentials.sshcert import parse_ed25519_cert
 from bastion.errors import ConfigError, SecretUnavailable, SigningFailed
+from devstack import BaoServer, SshdHost
 
 T = TypeVar("T")
 
@@ -141,7 +141,7 @@ def assert_cert(
     tmp_path: Path,
 ) -> str:
     """Check the certificate as asyncssh and as ``ssh-keygen -L`` read it; returns the latter."""
-    fields = _parse_ed25519_cert(cred.certificate.public_data)
+    fields = parse_ed25519_cert(cred.certificate.public_data)
     assert fields.principals == (principal,)
     assert fields.key_id == key_id == cred.key_id
     assert cred.principal == principal

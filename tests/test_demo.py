@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bastion import devstack
+import devstack
 
 
 class _Output:

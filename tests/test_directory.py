@@ -22,7 +22,8 @@ from typing import Any, Protocol, TypeVar
 import pytest
 
 from bastion.config import ConsulSettings
-from bastion.devstack import ConsulAgent, StackError, free_port
+from bastion.directory import ConsulDirectory
+from bastion.directory.explain import describe
 from bastion.errors import (
     DirectoryUnavailable,
     ForwardDenied,
@@ -31,7 +32,10 @@ from bastion.errors import (
     NoRoute,
     UnknownHost,
 )
-from bastion.routing import ConsulDirectory, Destination
+from bastion.model import Destination
+from bastion.policy import LoginPolicy, first_usable
+from bastion.trust import HostKeyPolicy
+from devstack import ConsulAgent, StackError, free_port
 
 BASTION_RULES = """
 key_prefix "users/" { policy = "read" }
@@ -158,10 +162,10 @@ def test_routes_load_and_resolve(stack: Stack) -> None:
         await stack.put("users/lit", "ops@10.0.0.5:2222, [2001:db8::1]")
         async with stack.directory() as directory:
             route = directory.route_for("r-alice")
-            assert directory.resolve(route) == Destination(
+            assert first_usable(directory, route) == Destination(
                 "127.0.1.102", 22, "r-alice", "host-102", "host-102 (127.0.1.102:22)"
             )
-            lit = directory.resolve(directory.route_for("lit"))
+            lit = first_usable(directory, directory.route_for("lit"))
             assert lit == Destination("10.0.0.5", 2222, "ops", None, "10.0.0.5:2222")
             stats = directory.stats
             assert stats.loaded and stats.routes >= 2 and stats.nodes >= 4
@@ -172,7 +176,7 @@ def test_routes_load_and_resolve(stack: Stack) -> None:
             n = 20000
             started = time.perf_counter()
             for _ in range(n):
-                directory.resolve(directory.route_for("r-alice"))
+                first_usable(directory, directory.route_for("r-alice"))
             per_call = (time.perf_counter() - started) / n * 1e6
             assert sum(w.requests for w in directory.stats.watches) == before
             print(f"\nroute_for+resolve: {per_call:.2f} us per call")
@@ -219,7 +223,7 @@ def test_put_is_in_force_within_one_second(stack: Stack) -> None:
 def test_malformed_entry_affects_only_its_user(
     stack: Stack, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, "bastion.routing")
+    caplog.set_level(logging.INFO, "bastion.directory")
 
     async def scenario() -> None:
         await stack.put("users/mal-alice", "host-102")
@@ -257,7 +261,7 @@ def test_unknown_and_unhealthy_hosts(stack: Stack) -> None:
         async with stack.directory() as directory:
 
             def resolve(user: str) -> Destination:
-                return directory.resolve(directory.route_for(user))
+                return first_usable(directory, directory.route_for(user))
 
             with pytest.raises(UnknownHost) as unknown:
                 resolve("u-unknown")
@@ -285,11 +289,11 @@ def test_unknown_and_unhealthy_hosts(stack: Stack) -> None:
             )
             assert dest.label == "host-102 (127.0.1.102:22)"
 
-            text = directory.describe("u-live")
+            text = describe(directory, "u-live")
             assert "host-905 (node) skipped: host-905 is down (health checks failing)" in text
             assert "u-live@host-102 (127.0.1.102:22); WOULD BE USED" in text
             assert "routing table: index" in text
-            assert "does not exist: no route" in directory.describe("nobody")
+            assert "does not exist: no route" in describe(directory, "nobody")
 
     run(scenario())
 
@@ -321,9 +325,12 @@ def test_jump_destination(stack: Stack) -> None:
             '{"route": "host-102, host-101:2200", "jump": ["host-903", "nohost", "10.0.0.9:2222"]}',
         )
         async with stack.directory() as directory:
+            policy = LoginPolicy(directory, HostKeyPolicy(None, None))
 
             def jump(host: str, port: int) -> Destination:
-                return directory.jump_destination("jumper", host, port)
+                dest = policy.tunnel("jumper", host, port).destination
+                assert dest is not None
+                return dest
 
             assert jump("host-102", 22).label == "host-102 (127.0.1.102:22)"
             assert jump("HOST-102", 22).node == "host-102"
@@ -344,7 +351,10 @@ def test_jump_destination(stack: Stack) -> None:
             ]:
                 with pytest.raises(ForwardDenied) as denied:
                     jump(host, port)
-                assert denied.value.user_message == f"jumper may not jump to {host}:{port}"
+                assert denied.value.user_message == (
+                    f"jumper may not connect to {host}:{port}: not a jump host in the "
+                    "directory, and local forwarding (-L, -D) is off"
+                )
             with pytest.raises(HostUnhealthy):
                 jump("host-903", 22)
             with pytest.raises(HostUnhealthy):
@@ -352,7 +362,7 @@ def test_jump_destination(stack: Stack) -> None:
             with pytest.raises(UnknownHost):
                 jump("nohost", 22)
             with pytest.raises(NoRoute):
-                directory.jump_destination("nobody-here", "host-102", 22)
+                policy.tunnel("nobody-here", "host-102", 22)
 
     run(scenario())
 
@@ -409,7 +419,7 @@ def test_authorized_keys_and_host_keys(stack: Stack) -> None:
 
 
 def test_revoked_token_is_unreachable(stack: Stack, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.DEBUG, "bastion.routing")
+    caplog.set_level(logging.DEBUG, "bastion.directory")
     accessor, secret = make_bastion_token(stack.agent, policy="bastion")
 
     async def scenario() -> None:
@@ -475,7 +485,7 @@ def test_index_backwards_then_consul_down_then_restart(
     """A snapshot restore sends the index backwards; a stopped Consul is
     served from cache within stale_after, refused after it; a fresh cluster on
     the same port (same token secret) is picked up again."""
-    caplog.set_level(logging.INFO, "bastion.routing")
+    caplog.set_level(logging.INFO, "bastion.directory")
     agent = ConsulAgent(tmp_path / "c1")
     agent2: ConsulAgent | None = None
     secret = str(uuid.uuid4())
@@ -512,7 +522,7 @@ def test_index_backwards_then_consul_down_then_restart(
                     "outage warning",
                 )
                 assert directory.route_for("alice").raw == "host-102"
-                assert directory.resolve(directory.route_for("alice")).node == "host-102"
+                assert first_usable(directory, directory.route_for("alice")).node == "host-102"
                 await eventually(
                     lambda: raises(lambda: directory.route_for("alice"), DirectoryUnavailable),
                     5.0,
@@ -541,6 +551,6 @@ def test_index_backwards_then_consul_down_then_restart(
 
 def _try_resolve(directory: ConsulDirectory) -> Destination | None:
     try:
-        return directory.resolve(directory.route_for("alice"))
+        return first_usable(directory, directory.route_for("alice"))
     except (DirectoryUnavailable, NoRoute, UnknownHost, HostUnhealthy):
         return None

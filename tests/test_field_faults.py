@@ -31,8 +31,8 @@ import asyncssh
 import pytest
 from conftest import ConsulTokens, Person, VaultSetup, bastion_sections, start_bastion
 
-from bastion import devstack
-from bastion.devstack import BastionProcess, ConsulAgent, SshdHost, ssh_command, stop_ssh_client
+import devstack
+from devstack import BastionProcess, ConsulAgent, SshdHost, ssh_command, stop_ssh_client
 
 DNS_NAME = "host-102.bastion.test"  # scripts/setup.sh puts it in /etc/hosts
 
@@ -165,7 +165,13 @@ def form_bastion(
     for name in ("host-void", "127.0.1.199"):
         consul.kv_put(f"host-keys/{name}", void_key.with_suffix(".pub").read_text())
     known = stack_dir / "known_hosts_forms"
-    known.write_text("".join(h.known_hosts_line() + "\n" for h in [*hosts.values(), host_v6]))
+    # a DNS name is matched by name, as OpenSSH does (CheckHostIP no)
+    h102 = hosts["host-102"]
+    known.write_text(
+        "".join(h.known_hosts_line() + "\n" for h in [*hosts.values(), host_v6])
+        + f"[{DNS_NAME}]:{h102.port} {h102.host_pubkey}\n"
+        + f"nosuch.invalid {h102.host_pubkey}\n"  # known, but it does not resolve
+    )
     proc = start_bastion(
         stack_dir / "bastion-forms", consul, consul_tokens, vault, known, reuse_idle=0
     )

@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 from conftest import Person, route
 
-from bastion import devstack
-from bastion.devstack import BastionProcess, ConsulAgent, SshdHost, stop_ssh_client
+import devstack
+from devstack import BastionProcess, ConsulAgent, SshdHost, stop_ssh_client
 
 
 def write_config(

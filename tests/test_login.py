@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import pytest
 from conftest import Person, route
 
-from bastion.devstack import BastionProcess, ConsulAgent, SshdHost, ssh_command
+from devstack import BastionProcess, ConsulAgent, SshdHost, ssh_command
 
 
 def ssh(

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from conftest import ConsulTokens, Person, VaultSetup, bastion_sections, route, start_bastion
 
-from bastion import devstack
-from bastion.devstack import BastionProcess, ConsulAgent, SshdHost, ssh_command
+import devstack
+from devstack import BastionProcess, ConsulAgent, SshdHost, ssh_command
 
 
 def ssh(

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from conftest import ConsulTokens, Person, VaultSetup, route, start_bastion
 
-from bastion import devstack
-from bastion.devstack import (
+import devstack
+from devstack import (
     BastionProcess,
     ConsulAgent,
     SshdHost,

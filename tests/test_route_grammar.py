@@ -7,16 +7,12 @@ import random
 
 import pytest
 
+from bastion.config import consul_base_url, parse_settings
+from bastion.directory.grammar import RouteTable, parse_route
+from bastion.directory.watch import next_index
 from bastion.errors import ConfigError, MalformedRoute, NoRoute
-from bastion.routing import (
-    ForwardingPolicy,
-    Route,
-    RouteTable,
-    Target,
-    consul_base_url,
-    next_index,
-    parse_route,
-)
+from bastion.identity import valid_user_name
+from bastion.model import ForwardingPolicy, Route, Target
 
 
 def node(host: str, port: int | None = None, login: str | None = None) -> Target:
@@ -87,10 +83,42 @@ def test_valid_json_minimal_and_multiline() -> None:
     assert route.policy == ForwardingPolicy(remote_forwarding=True)
 
 
-def test_user_that_is_not_a_login_needs_explicit_login() -> None:
-    assert parse_route("Alice", "alice@host-102").targets[0].login == "alice"
-    with pytest.raises(MalformedRoute, match="'Alice' is not a valid upstream login"):
-        parse_route("Alice", "host-102")
+@pytest.mark.parametrize(
+    ("name", "valid"),
+    [
+        ("alice", True),
+        ("_svc", True),
+        ("a.b-c_9", True),
+        ("a" * 32, True),
+        ("a" * 33, False),
+        ("Alice", False),
+        ("alice\n", False),
+        ("9lives", False),
+        ("-x", False),
+        ("", False),
+        ("al ice", False),
+        ("élise", False),
+    ],
+)
+def test_one_user_name_grammar(name: str, valid: bool) -> None:
+    """The same rule for the person, the directory key, the upstream login."""
+    assert valid_user_name(name) is valid
+    if valid:
+        assert parse_route(name, "host-102").login == name
+        assert parse_route("bob", f"{name}@host-102").targets[0].login == name
+    else:
+        with pytest.raises(MalformedRoute):
+            parse_route(name, "alice@host-102")
+        with pytest.raises(MalformedRoute):
+            parse_route("bob", f"{name}@host-102")
+
+
+def test_a_key_that_is_not_a_user_name_is_ignored() -> None:
+    table = RouteTable({"Alice": b"host-102", "alice": b"host-101"})
+    assert table.ignored == ("Alice",)
+    assert table.route_for("alice").targets[0].host == "host-101"
+    with pytest.raises(NoRoute):
+        table.route_for("Alice")
 
 
 P = "directory entry for alice is malformed: "
@@ -234,7 +262,7 @@ def test_fuzz_mutated_json_only_malformed() -> None:
 
 
 def test_route_table_isolates_errors_and_logs_once(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, "bastion.routing")
+    caplog.set_level(logging.WARNING, "bastion.directory")
     entries = {"alice": b"host-102", "bob": b"host-102:99999", "team/carol": b"h", "": b""}
     table = RouteTable(entries)
     assert table.route_for("alice").targets == (node("host-102"),)
@@ -310,5 +338,14 @@ def test_consul_address(address: str, url: str) -> None:
     ],
 )
 def test_consul_address_rejected(address: str) -> None:
-    with pytest.raises(ConfigError, match=r"\[consul\] address"):
+    with pytest.raises(ValueError):
         consul_base_url(address)
+    # the settings name the key
+    with pytest.raises(ConfigError, match=r"\[consul\] address"):
+        parse_settings(
+            {
+                "server": {"host_keys": ["k"]},
+                "consul": {"address": address},
+                "upstream": {"ca_key": "ca"},
+            }
+        )

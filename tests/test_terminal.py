@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 from conftest import Person
 
-from bastion import devstack
-from bastion.devstack import BastionProcess, SshdHost, ssh_command
+import devstack
+from devstack import BastionProcess, SshdHost, ssh_command
 
 PROMPT = "bastion-test$ "
 # typed with the quotes split so the echoed command line never matches

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from conftest import Person
 
-from bastion.devstack import BastionProcess, ssh_bin, ssh_command
+from devstack import BastionProcess, ssh_bin, ssh_command
 
 MiB = 1024 * 1024
 ALICE_HOME = Path("/home/alice")

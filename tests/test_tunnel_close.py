@@ -13,7 +13,7 @@ import time
 
 from conftest import Person
 
-from bastion.devstack import BastionProcess, SshdHost, ssh_command
+from devstack import BastionProcess, SshdHost, ssh_command
 
 
 def test_ssh_w_exits_when_both_sides_are_done(

@@ -16,8 +16,8 @@ import tempfile
 import threading
 from pathlib import Path
 
-from bastion import devstack
-from bastion.devstack import BaoServer, BastionProcess, ConsulAgent, SshdHost
+import devstack
+from devstack import BaoServer, BastionProcess, ConsulAgent, SshdHost
 
 
 def _port_free(addr: str, port: int) -> bool:

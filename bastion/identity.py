@@ -1,4 +1,10 @@
-"""Who is connecting: the keys and certificates a person may log in with.
+"""Who is connecting: the one user-name grammar, and the keys and
+certificates a person may log in with.
+
+A user name is a POSIX-portable login name (lower case, at most 32
+characters; useradd(8)'s default ``NAME_REGEX`` without upper case): the
+same grammar for the person at the bastion, the directory's ``users/<name>``
+keys, the upstream ``login@`` of a route and the command line.
 
 A user's authorized keys come from the directory (``ssh-keys/<user>``) and/or
 a local directory of authorized_keys files (``<dir>/<user>``), both in
@@ -18,48 +24,37 @@ from pathlib import Path
 
 import asyncssh
 
-from bastion.errors import BastionError, ConfigError
+from bastion.errors import BastionError
 
-log = logging.getLogger("bastion.auth")
+log = logging.getLogger("bastion.identity")
 
-# POSIX-portable login names; anything else never matches a route or a key
-_USER_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
+USER_NAME_RULE = (
+    "lower-case letters, digits, '_', '.', '-', starting with a letter or '_', at most 32"
+)
+_USER_NAME_RE = re.compile(r"[a-z_][a-z0-9_.-]{0,31}\Z")
 
 
-def valid_username(username: str) -> bool:
-    return bool(_USER_RE.match(username))
+def valid_user_name(name: str) -> bool:
+    """Whether ``name`` is a user (and upstream login) name; see the module docstring."""
+    return bool(_USER_NAME_RE.match(name))
 
 
 class KeyDirectory:
-    """Builds the authorized-keys set for one login attempt."""
+    """Builds the authorized-keys set for one login attempt.
+
+    ``user_ca_lines`` are OpenSSH public key lines of the trusted user CA,
+    already checked by the settings (:mod:`bastion.config`).
+    """
 
     def __init__(
         self,
         directory_keys: Callable[[str], list[str]] | None,
         local_dir: Path | None,
-        user_ca_keys: Path | None,
+        user_ca_lines: tuple[str, ...] = (),
     ) -> None:
         self._directory_keys = directory_keys
         self._local_dir = local_dir
-        self._ca_lines: list[str] = []
-        if user_ca_keys is not None:
-            try:
-                text = user_ca_keys.read_text()
-            except OSError as exc:
-                raise ConfigError(
-                    f"[server] user_ca_keys: cannot read {user_ca_keys}: {exc.strerror}"
-                ) from None
-            for line in text.splitlines():
-                line = line.strip()
-                if line and not line.startswith("#"):
-                    try:
-                        asyncssh.import_public_key(line)
-                    except (asyncssh.KeyImportError, ValueError):
-                        raise ConfigError(
-                            f"[server] user_ca_keys: {user_ca_keys} holds a line "
-                            "that is not an OpenSSH public key"
-                        ) from None
-                    self._ca_lines.append(f"cert-authority {line}")
+        self._ca_lines = [f"cert-authority {line}" for line in user_ca_lines]
 
     def authorized_keys(
         self, username: str, *, agent_forwarding: bool = True
@@ -69,7 +64,7 @@ class KeyDirectory:
         ``agent_forwarding`` every key carries ``no-agent-forwarding``, so
         that asyncssh refuses the client's agent request instead of opening
         an agent socket on the bastion that policy would never use."""
-        if not valid_username(username):
+        if not valid_user_name(username):
             return None, None
         problem: BastionError | None = None
         lines: list[str] = list(self._ca_lines)

@@ -1,9 +1,10 @@
-"""The asyncssh speed-ups (bastion/tuning.py): still valid for the installed
+"""The asyncssh speed-ups (bastion/fastpath/): still valid for the installed
 asyncssh, doing what they claim, and a real relayed session works with them.
 
 If asyncssh is upgraded and the functions the patches replace change, the
 first test fails: re-read the changed functions, re-check the patches, then
-update ``FINGERPRINTS`` (``tuning.fingerprint(...)`` prints the new values).
+update ``FINGERPRINTS`` in bastion/fastpath/pins.py (``pins.fingerprint(...)``
+prints the new values).
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import inspect
+import json
 import logging
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,24 +29,25 @@ from asyncssh.encryption import get_encryption
 from asyncssh.packet import SSHPacketLogger
 from conftest import Person
 
-from bastion import tuning
-from bastion.devstack import BastionProcess, ssh_command
+from bastion import fastpath
+from bastion.fastpath.skip_ignore import ignore_is_redundant
+from devstack import BastionProcess, ssh_command
 
 
 @pytest.fixture
 def tuned() -> Iterator[None]:
-    tuning.revert()
-    assert tuning.apply()
+    fastpath.revert()
+    assert fastpath.apply()
     try:
         yield
     finally:
-        tuning.revert()
+        fastpath.revert()
 
 
 def test_installed_asyncssh_is_the_verified_one() -> None:
-    assert tuning.mismatches() == [], (
-        "asyncssh changed under bastion/tuning.py: re-verify the patches, then "
-        "update VERIFIED_VERSIONS/FINGERPRINTS"
+    assert fastpath.mismatches() == [], (
+        "asyncssh changed under bastion/fastpath/: re-verify the patches, then "
+        "update VERIFIED_VERSIONS and pins.FINGERPRINTS"
     )
 
 
@@ -63,31 +67,31 @@ def test_patched_functions_have_the_expected_signatures() -> None:
 
 
 def test_apply_revert_and_unknown_features() -> None:
-    tuning.revert()
+    fastpath.revert()
     original = SSHConnection.send_packet
     try:
-        assert tuning.apply(["skip_ignore"])
-        assert tuning.applied() == frozenset({"skip_ignore"})
+        assert fastpath.apply(["skip_ignore"])
+        assert fastpath.applied() == frozenset({"skip_ignore"})
         assert SSHConnection.send_packet is not original
-        assert tuning.apply(["skip_ignore"])  # idempotent
+        assert fastpath.apply(["skip_ignore"])  # idempotent
     finally:
-        tuning.revert()
+        fastpath.revert()
     assert SSHConnection.send_packet is original
-    assert tuning.applied() == frozenset()
+    assert fastpath.applied() == frozenset()
     with pytest.raises(ValueError, match="unknown"):
-        tuning.apply(["turbo"])
+        fastpath.apply(["turbo"])
 
 
 def test_unverified_version_is_a_no_op_with_a_warning(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    tuning.revert()
+    fastpath.revert()
     original = SSHConnection.send_packet
     monkeypatch.setattr(asyncssh, "__version__", "9.0.0")
     with caplog.at_level(logging.WARNING, logger="bastion.tuning"):
-        assert not tuning.apply()
+        assert not fastpath.apply()
     assert SSHConnection.send_packet is original
-    assert tuning.applied() == frozenset()
+    assert fastpath.applied() == frozenset()
     assert "not applied" in caplog.text and "9.0.0" in caplog.text
 
 
@@ -111,8 +115,8 @@ def test_ignore_is_redundant_only_without_iv_chaining(alg: bytes, redundant: boo
     enc = get_encryption(
         alg, os.urandom(keysize), os.urandom(ivsize), b"hmac-sha2-256", os.urandom(mac_keysize), etm
     )
-    assert tuning.ignore_is_redundant(enc) is redundant
-    assert tuning.ignore_is_redundant(None) is False
+    assert ignore_is_redundant(enc) is redundant
+    assert ignore_is_redundant(None) is False
 
 
 # -- in-process: an asyncssh server and client with the patches on -----------
@@ -315,10 +319,10 @@ async def _raw_channel_data(*payload: bytes, flood: int = 1) -> str:
 def test_malformed_or_excess_channel_data_is_refused_as_asyncssh_does(tuning_on: bool) -> None:
     """The fast receive path hands what it does not recognise to asyncssh,
     whose checks then apply: the same refusals with and without it."""
-    tuning.revert()
+    fastpath.revert()
     try:
         if tuning_on:
-            assert tuning.apply()
+            assert fastpath.apply()
         string = asyncssh.packet.String
         # data lengths that do not match the packet
         reason = asyncio.run(_raw_channel_data(string(b"abc"), b"\x00"))
@@ -330,12 +334,12 @@ def test_malformed_or_excess_channel_data_is_refused_as_asyncssh_does(tuning_on:
         reason = asyncio.run(_raw_channel_data(string(b"x" * 32000), flood=200))
         assert reason == "Window exceeded", reason
     finally:
-        tuning.revert()
+        fastpath.revert()
 
 
 def test_untuned_asyncssh_sends_the_ignores_the_patch_removes() -> None:
     # the premise of skip_ignore, checked on the installed asyncssh
-    tuning.revert()
+    fastpath.revert()
     echoed, ignores = asyncio.run(_echo_roundtrip("aes128-gcm@openssh.com", b"x" * 100_000))
     assert echoed == b"x" * 100_000
     assert ignores > 0
@@ -346,7 +350,7 @@ def test_reused_aead_is_byte_identical_to_asyncssh() -> None:
     from asyncssh.crypto.chacha import ChachaCipher
     from asyncssh.crypto.cipher import GCMCipher
 
-    tuning.revert()
+    fastpath.revert()
     chacha_key, gcm_key, iv = os.urandom(64), os.urandom(16), os.urandom(12)
     cases = [(os.urandom(4), os.urandom(n), os.urandom(8)) for n in (0, 1, 63, 64, 65, 32768)]
 
@@ -375,10 +379,10 @@ def test_reused_aead_is_byte_identical_to_asyncssh() -> None:
     untuned = run()
     assert untuned[4] is None and untuned[3] == cases[0][1] and untuned[-1] is None
     try:
-        assert tuning.apply(["reuse_aead"])
+        assert fastpath.apply(["reuse_aead"])
         assert run() == untuned
     finally:
-        tuning.revert()
+        fastpath.revert()
 
 
 async def _split_reads_roundtrip(alg: str, payload: bytes, chunk: int) -> bytes:
@@ -486,7 +490,7 @@ def test_static_server_options_without_a_config_keeps_the_listeners(
     """No config file (the bastion's case): the listener's options serve the
     whole login; plain asyncssh rebuilds them in a worker thread."""
     assert asyncio.run(_login_options(tmp_path, None, "alice")) == (False, True)
-    tuning.revert()
+    fastpath.revert()
     assert asyncio.run(_login_options(tmp_path, None, "alice")) == (False, False)
 
 
@@ -513,20 +517,59 @@ def test_real_relayed_session_with_tuning(
 
 
 def test_bastion_tuning_environment_variable() -> None:
-    assert tuning.features_from_env(None) == tuning.FEATURES
-    assert tuning.features_from_env(" ALL ") == tuning.FEATURES
-    assert tuning.features_from_env("none") == ()
-    assert tuning.features_from_env("skip_ignore, exact_receive") == (
+    assert fastpath.features_from_env(None) == fastpath.FEATURES
+    assert fastpath.features_from_env(" ALL ") == fastpath.FEATURES
+    assert fastpath.features_from_env("none") == ()
+    assert fastpath.features_from_env("skip_ignore, exact_receive") == (
         "skip_ignore",
         "exact_receive",
     )
     with pytest.raises(ValueError, match="unknown feature turbo"):
-        tuning.features_from_env("skip_ignore,turbo")
-    tuning.revert()
+        fastpath.features_from_env("skip_ignore,turbo")
+    fastpath.revert()
     original = SSHConnection.data_received
-    assert tuning.apply(tuning.features_from_env("none"))
-    assert tuning.applied() == frozenset()
+    assert fastpath.apply(fastpath.features_from_env("none"))
+    assert fastpath.applied() == frozenset()
     assert SSHConnection.data_received is original
+
+
+def test_startup_line_names_the_features_and_the_window_fix(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fastpath.revert()
+    try:
+        with caplog.at_level(logging.INFO, logger="bastion.tuning"):
+            assert fastpath.apply(["skip_ignore", "quickack"])
+        line = f"asyncssh {asyncssh.__version__} speed-ups applied: quickack, skip_ignore"
+        assert fastpath.describe() == f"{line} (window fix on)"
+        assert fastpath.describe() in caplog.text
+        fastpath.revert()
+        assert fastpath.describe().endswith("speed-ups off (window fix off)")
+        assert fastpath.apply([])
+        assert fastpath.describe().endswith("speed-ups off (window fix on)")
+    finally:
+        fastpath.revert()
+
+
+def test_importing_the_data_plane_loads_no_patch() -> None:
+    """The package alone loads nothing of asyncssh or cryptography, and
+    relay.py (which imports asyncssh itself) takes only the socket helper:
+    the patches are imported by apply()."""
+    code = (
+        "import json, sys\n"
+        "import bastion.fastpath\n"
+        "libs = [m for m in sys.modules if m.split('.')[0] in ('asyncssh', 'cryptography')]\n"
+        "import bastion.relay\n"
+        "ours = [m for m in sys.modules if m.startswith(('bastion.fastpath', 'bastion.tuning'))]\n"
+        "print(json.dumps([sorted(libs), sorted(ours)]))\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True
+    )
+    libs, ours = json.loads(result.stdout)
+    assert libs == []
+    assert ours == ["bastion.fastpath", "bastion.fastpath.sockets"]
 
 
 class _SlowReader(asyncssh.SSHServerSession[bytes]):
@@ -592,11 +635,11 @@ def test_paused_channel_buffers_no_more_than_its_window(features: str) -> None:
         await server.wait_closed()
         return got, sessions[0].peak, window
 
-    tuning.revert()
+    fastpath.revert()
     try:
-        assert tuning.apply(tuning.features_from_env(features))
+        assert fastpath.apply(fastpath.features_from_env(features))
         got, peak, window = asyncio.run(run())
     finally:
-        tuning.revert()
+        fastpath.revert()
     assert got == size
     assert peak <= window, f"{peak} bytes in flight or queued, window {window}"

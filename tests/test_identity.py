@@ -6,7 +6,7 @@ from pathlib import Path
 
 import asyncssh
 
-from bastion.auth import KeyDirectory
+from bastion.identity import KeyDirectory
 
 
 def _key() -> tuple[asyncssh.SSHKey, str]:
@@ -18,14 +18,13 @@ def test_agent_forwarding_denied_on_every_kind_of_line(tmp_path: Path) -> None:
     plain, plain_line = _key()
     limited, limited_line = _key()
     ca, ca_line = _key()
-    (tmp_path / "ca.pub").write_text(ca_line + "\n")
     lines = [
         "# a comment",
         plain_line,
         f'from="127.0.0.1",command="echo hi there" {limited_line}',
         "not a key at all",
     ]
-    keys = KeyDirectory(lambda user: lines, None, tmp_path / "ca.pub")
+    keys = KeyDirectory(lambda user: lines, None, (ca_line,))
     person_cert = ca.generate_user_certificate(plain, "c", principals=["alice"])
 
     for allowed in (True, False):

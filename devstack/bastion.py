@@ -1,0 +1,108 @@
+"""``bastion serve`` as a child process, with its settings rendered to TOML."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from devstack.process import ROOT, Process, _find, free_port, wait_until
+from devstack.sshd import keygen, ssh_banner
+
+
+def toml_value(value: Any) -> str:
+    """A TOML literal for the small set of types bastion settings use."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str | Path):
+        return json.dumps(str(value))
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    raise TypeError(f"no TOML form for {value!r}")
+
+
+def render_settings(sections: dict[str, dict[str, Any]]) -> str:
+    out = []
+    for name, values in sections.items():
+        out.append(f"[{name}]")
+        out += [f"{k} = {toml_value(v)}" for k, v in values.items() if v is not None]
+        out.append("")
+    return "\n".join(out)
+
+
+def bastion_bin() -> str:
+    return _find("bastion", ROOT / ".venv/bin/bastion")
+
+
+@dataclass
+class BastionProcess:
+    """``bastion serve`` as a child process with a generated config file."""
+
+    workdir: Path
+    sections: dict[str, dict[str, Any]]
+    port: int = 0
+    process: Process | None = None
+
+    @property
+    def config(self) -> Path:
+        return self.workdir / "bastion.toml"
+
+    @property
+    def log(self) -> Path:
+        return self.workdir / "bastion.log"
+
+    @property
+    def audit_file(self) -> Path:
+        return self.workdir / "audit.jsonl"
+
+    def start(self, timeout: float = 30.0, wait_loaded: bool = True) -> BastionProcess:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if not self.port:
+            self.port = free_port()
+        host_key = keygen(self.workdir / "ssh_host_ed25519_key", comment="bastion host key")
+        server = {"listen": f"127.0.0.1:{self.port}", "host_keys": [str(host_key)]}
+        server.update(self.sections.get("server", {}))
+        sections = {**self.sections, "server": server, "audit": {"file": str(self.audit_file)}}
+        self.config.write_text(render_settings(sections))
+        env = {
+            k: v for k, v in os.environ.items() if not k.startswith(("CONSUL_", "VAULT_", "BAO_"))
+        }
+        self.process = Process(
+            "bastion", [bastion_bin(), "serve", "--config", str(self.config)], self.log, env=env
+        )
+        wait_until(
+            "bastion",
+            lambda: ssh_banner("127.0.0.1", self.port).startswith(b"SSH-2.0-"),
+            timeout,
+            self.process.proc,
+            self.log,
+        )
+        return self
+
+    def audit_records(self) -> list[dict[str, Any]]:
+        if not self.audit_file.exists():
+            return []
+        return [json.loads(line) for line in self.audit_file.read_text().splitlines() if line]
+
+    def wait_audit(
+        self, match: Callable[[dict[str, Any]], bool], timeout: float = 10.0
+    ) -> dict[str, Any]:
+        """The newest audit record that matches, polled for: records are
+        written when a channel ends, a moment after the client has exited."""
+        found: list[dict[str, Any]] = []
+
+        def probe() -> bool:
+            found[:] = [r for r in self.audit_records() if match(r)]
+            return bool(found)
+
+        wait_until("audit record", probe, timeout)
+        return found[-1]
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()

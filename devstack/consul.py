@@ -1,0 +1,176 @@
+"""A real Consul agent (ACLs on, deny by default) and its securing with
+``deploy/bootstrap-acl.sh``."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from devstack.process import ROOT, Process, StackError, consul_bin, free_port, http_json, wait_until
+
+CONSUL_AGENT_HCL = """\
+datacenter = "dc1"
+node_name = "{node}"
+data_dir = "{data_dir}"
+bind_addr = "127.0.0.1"
+client_addr = "127.0.0.1"
+log_level = "INFO"
+enable_local_script_checks = true
+disable_update_check = true
+ports {{
+  http = {http}
+  dns = -1
+  grpc = -1
+  serf_lan = {serf_lan}
+  serf_wan = {serf_wan}
+  server = {server}
+}}
+acl {{
+  enabled = true
+  default_policy = "deny"
+  down_policy = "extend-cache"
+  enable_token_persistence = true
+}}
+"""
+
+
+@dataclass
+class ConsulAgent:
+    """A real Consul agent (``-dev``) with ACLs on and ``default_policy = "deny"``."""
+
+    workdir: Path
+    node: str = "consul-dev"
+    extra_config_dirs: list[Path] = field(default_factory=list)
+    env: dict[str, str] | None = None
+    http_port: int = 0
+    process: Process | None = None
+    management_token: str = ""
+
+    @property
+    def http_addr(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self, timeout: float = 30.0) -> ConsulAgent:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if not self.http_port:
+            self.http_port = free_port()
+        cfg = self.workdir / "agent.hcl"
+        data_dir = self.workdir / "data"
+        data_dir.mkdir(exist_ok=True)
+        cfg.write_text(
+            CONSUL_AGENT_HCL.format(
+                node=self.node,
+                data_dir=data_dir,
+                http=self.http_port,
+                serf_lan=free_port(),
+                serf_wan=free_port(),
+                server=free_port(),
+            )
+        )
+        argv = [consul_bin(), "agent", "-dev", f"-config-file={cfg}"]
+        for extra in self.extra_config_dirs:
+            argv.append(f"-config-dir={extra}")
+        env = dict(os.environ if self.env is None else self.env)
+        # an operator's exported token must not leak into the agent or its checks
+        env.pop("CONSUL_HTTP_TOKEN", None)
+        self.process = Process("consul", argv, self.workdir / "consul.log", env=env)
+
+        def leader() -> bool:
+            status, body = http_json("GET", f"{self.http_addr}/v1/status/leader", timeout=1)
+            return status == 200 and isinstance(body, str) and bool(body)
+
+        wait_until("consul", leader, timeout, self.process.proc, self.process.log)
+        return self
+
+    def bootstrap(self, timeout: float = 30.0) -> str:
+        """``PUT /v1/acl/bootstrap`` (retried while the ACL system warms up)."""
+        result: dict[str, str] = {}
+
+        def attempt() -> bool:
+            status, body = http_json("PUT", f"{self.http_addr}/v1/acl/bootstrap", timeout=2)
+            if status == 200 and isinstance(body, dict):
+                result["token"] = body["SecretID"]
+                return True
+            return False
+
+        wait_until("consul ACL bootstrap", attempt, timeout)
+        self.management_token = result["token"]
+        return self.management_token
+
+    def api(
+        self, method: str, path: str, body: Any = None, token: str | None = None
+    ) -> tuple[int, Any]:
+        tok = self.management_token if token is None else token
+        return http_json(method, f"{self.http_addr}{path}", token=tok or None, body=body)
+
+    def kv_put(self, key: str, value: str | bytes) -> None:
+        raw = value if isinstance(value, bytes) else value.encode()
+        status, body = self.api("PUT", f"/v1/kv/{key}", body=raw)
+        if status != 200:
+            raise StackError(f"kv put {key}: {status} {body}")
+
+    def kv_delete(self, key: str) -> None:
+        status, body = self.api("DELETE", f"/v1/kv/{key}")
+        if status != 200:
+            raise StackError(f"kv delete {key}: {status} {body}")
+
+    def register_node(self, node: str, address: str, status: str = "passing") -> None:
+        """Put ``node`` in the catalog with one node-level health check."""
+        body = {
+            "Node": node,
+            "Address": address,
+            "Check": {
+                "Node": node,
+                "CheckID": "node-ssh",
+                "Name": "ssh reachable",
+                "Status": status,
+            },
+        }
+        code, resp = self.api("PUT", "/v1/catalog/register", body=body)
+        if code != 200:
+            raise StackError(f"catalog register {node}: {code} {resp}")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+
+    def run_cli(
+        self, *args: str, token: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CONSUL_")}
+        env["CONSUL_HTTP_ADDR"] = self.http_addr
+        if token or self.management_token:
+            env["CONSUL_HTTP_TOKEN"] = token or self.management_token
+        return subprocess.run(
+            [consul_bin(), *args], env=env, capture_output=True, text=True, check=check, timeout=60
+        )
+
+
+def bootstrap_acl(
+    agent: ConsulAgent, out_dir: Path, *extra: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the real ``deploy/bootstrap-acl.sh`` against ``agent``."""
+    run_env = {k: v for k, v in (env or os.environ).items() if not k.startswith("CONSUL_")}
+    run_env["CONSUL_HTTP_ADDR"] = agent.http_addr
+    run_env["PATH"] = f"{Path(consul_bin()).parent}:{run_env.get('PATH', '/usr/bin:/bin')}"
+    return subprocess.run(
+        ["bash", str(ROOT / "deploy/bootstrap-acl.sh"), "--out", str(out_dir), *extra],
+        env=run_env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+
+
+def secure_consul(agent: ConsulAgent, tokens: Path) -> str:
+    """Secure a started ``agent`` with ``deploy/bootstrap-acl.sh``, keep its
+    management token, and return what the script printed."""
+    result = bootstrap_acl(agent, tokens)
+    if result.returncode != 0:
+        raise StackError(f"bootstrap-acl.sh failed:\n{result.stdout}{result.stderr}")
+    agent.management_token = (tokens / "management.token").read_text().strip()
+    return result.stdout
