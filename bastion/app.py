@@ -9,23 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-import os
 import signal
 
+from bastion import fastpath
 from bastion.audit import AuditLog
 from bastion.config import Settings, env_token, read_public_key_lines, read_secret_file
+from bastion.core.frontdoor import BastionServer, ServerContext
+from bastion.core.upstream import UpstreamConnector, UpstreamPool
 from bastion.credentials import CertificateSigner, VaultClient, build_signer
 from bastion.directory import ConsulDirectory
 from bastion.errors import BastionError, ConfigError
-from bastion.fastpath import apply as apply_tuning
-from bastion.fastpath import features_from_env as tuning_features
+from bastion.events import EventBus
 from bastion.identity import KeyDirectory
 from bastion.metrics import Metrics
 from bastion.policy import LoginPolicy
-from bastion.server import BastionServer, ServerContext
 from bastion.trust import HostKeyPolicy
-from bastion.upstream import UpstreamConnector, UpstreamPool
 
 # the principal of the certificate minted at start to check signing works
 SELF_CHECK_PRINCIPAL = "bastion-self-check"
@@ -71,20 +71,27 @@ class Application:
         self.pool: UpstreamPool | None = None
         self.audit = AuditLog(settings.audit.file)
         self.metrics = Metrics()
+        self.events = EventBus()
+        self.events.subscribe(self.audit.handle)
+        self.events.subscribe(self.metrics.handle)
 
     async def start(self) -> None:
-        # asyncssh speed-ups, version-guarded (bastion/tuning.py)
-        try:
-            features = tuning_features(os.environ.get("BASTION_TUNING"))
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        apply_tuning(features)
         s = self.settings
+        # asyncssh speed-ups, version-guarded (bastion/fastpath); it logs
+        # the features in force, the metric names them
+        fastpath.apply(s.fastpath)
+        self.metrics.fastpath_features(sorted(fastpath.applied()))
         if s.vault.enabled:
             self.vault = VaultClient(s.vault)
             await self.vault.start()
         token = await consul_token(s, self.vault)
         self.directory = ConsulDirectory(s.consul, token, s.upstream.default_port)
+        self.metrics.directory_indexes(
+            [
+                (w.name, functools.partial(getattr, w, "index"))
+                for w in self.directory.watches.watches
+            ]
+        )
         await self.directory.start()
         try:
             await self.directory.wait_loaded(s.consul.request_timeout)
@@ -109,6 +116,8 @@ class Application:
             max_age=s.upstream.reuse_max_age_seconds,
             max_shared=s.upstream.reuse_max_shared,
         )
+        pool = self.pool
+        self.metrics.upstream_shared.set_function(lambda: pool.shared_open)
         ca_lines = (
             read_public_key_lines(s.server.user_ca_keys, "[server] user_ca_keys")
             if s.server.user_ca_keys is not None
@@ -120,11 +129,12 @@ class Application:
             policy=LoginPolicy(directory, host_keys),
             connector=self.pool,
             keys=keys,
-            audit=self.audit,
-            metrics=self.metrics,
+            events=self.events,
             tunnel_timeout=s.upstream.connect_timeout,
         )
         self.server = BastionServer(ctx)
+        registry = self.server.registry
+        self.metrics.unauthenticated.set_function(lambda: registry.unauthenticated)
         await self.server.start()
         if s.metrics.listen:
             self.metrics.serve(s.metrics.listen)

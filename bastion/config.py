@@ -12,11 +12,14 @@ import os
 import stat
 import tomllib
 import urllib.parse
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
 from bastion.errors import ConfigError
+from bastion.fastpath import FEATURES as FASTPATH_FEATURES
+from bastion.fastpath import features_from_env
 
 AUTH_METHODS = ("publickey", "password", "keyboard-interactive")
 
@@ -130,6 +133,9 @@ class Settings:
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    # the asyncssh speed-ups to apply, from the environment variable
+    # BASTION_TUNING (unset or "all", "none", or a comma-separated list)
+    fastpath: tuple[str, ...] = FASTPATH_FEATURES
     source: Path | None = None
 
 
@@ -234,8 +240,11 @@ def _path(value: str, base: Path) -> Path:
     return p if p.is_absolute() else (base / p)
 
 
-def parse_settings(raw: dict[str, Any], source: Path | None = None) -> Settings:
-    """Validate a decoded TOML document (relative paths resolve next to ``source``)."""
+def parse_settings(
+    raw: dict[str, Any], source: Path | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Validate a decoded TOML document (relative paths resolve next to ``source``)
+    and the environment the bastion reads (``BASTION_TUNING``; default: none set)."""
     label = str(source) if source else "<settings>"
     base = source.parent if source else Path.cwd()
     sections = {
@@ -253,7 +262,12 @@ def parse_settings(raw: dict[str, Any], source: Path | None = None) -> Settings:
         name: _build(cls, raw.get(name, {}), f"{label}: [{name}]", base)
         for name, cls in sections.items()
     }
-    settings = Settings(**built, source=source)
+    env = environ if environ is not None else {}
+    try:
+        fastpath = features_from_env(env.get("BASTION_TUNING"))
+    except ValueError as exc:
+        raise ConfigError(f"environment BASTION_TUNING: {exc}") from None
+    settings = Settings(**built, fastpath=fastpath, source=source)
     _validate(settings, label)
     return settings
 
@@ -320,8 +334,10 @@ def _validate(s: Settings, label: str) -> None:
         )
 
 
-def load_settings(path: Path) -> Settings:
-    """Read and validate ``path``; every problem is a ConfigError naming it."""
+def load_settings(path: Path, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read and validate ``path`` and the environment (``os.environ`` unless
+    given); every problem is a ConfigError naming the file and key, or the
+    variable."""
     try:
         text = path.read_text()
     except OSError as exc:
@@ -330,7 +346,7 @@ def load_settings(path: Path) -> Settings:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: {exc}") from None
-    return parse_settings(raw, path.resolve())
+    return parse_settings(raw, path.resolve(), os.environ if environ is None else environ)
 
 
 def read_secret_file(path: Path, what: str) -> str:

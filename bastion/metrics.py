@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from bastion.config import split_host_port
@@ -42,6 +44,33 @@ class Metrics:
         self.unauthenticated = Gauge(
             "bastion_unauthenticated_connections", "Connections not yet authenticated", registry=r
         )
+        self.upstream_shared = Gauge(
+            "bastion_upstream_shared_connections",
+            "Upstream connections held for reuse (in use or idle, see [upstream] reuse_idle)",
+            registry=r,
+        )
+        self.directory_index = Gauge(
+            "bastion_directory_index",
+            "Consul index of each directory watch's last answer (X-Consul-Index)",
+            ["watch"],
+            registry=r,
+        )
+        self.fastpath = Gauge(
+            "bastion_fastpath_active",
+            "asyncssh speed-ups in force (1 per feature; none on an unverified asyncssh)",
+            ["feature"],
+            registry=r,
+        )
+
+    def directory_indexes(self, watches: Sequence[tuple[str, Callable[[], float]]]) -> None:
+        """Report each directory watch's index (read at scrape time)."""
+        for name, index in watches:
+            self.directory_index.labels(name).set_function(index)
+
+    def fastpath_features(self, features: list[str]) -> None:
+        """Name the asyncssh speed-ups in force (bastion/fastpath)."""
+        for name in features:
+            self.fastpath.labels(name).set(1)
 
     def handle(self, event: Event) -> None:
         """The events subscriber."""

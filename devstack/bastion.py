@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from devstack.consul import ConsulAgent
 from devstack.process import ROOT, Process, _find, free_port, wait_until
 from devstack.sshd import keygen, ssh_banner
 
@@ -46,6 +49,7 @@ class BastionProcess:
     workdir: Path
     sections: dict[str, dict[str, Any]]
     port: int = 0
+    metrics_port: int = 0
     process: Process | None = None
 
     @property
@@ -68,6 +72,10 @@ class BastionProcess:
         server = {"listen": f"127.0.0.1:{self.port}", "host_keys": [str(host_key)]}
         server.update(self.sections.get("server", {}))
         sections = {**self.sections, "server": server, "audit": {"file": str(self.audit_file)}}
+        if "metrics" not in sections:
+            # /metrics tells tests which directory index the bastion has seen
+            self.metrics_port = free_port()
+            sections["metrics"] = {"listen": f"127.0.0.1:{self.metrics_port}"}
         self.config.write_text(render_settings(sections))
         env = {
             k: v for k, v in os.environ.items() if not k.startswith(("CONSUL_", "VAULT_", "BAO_"))
@@ -83,6 +91,34 @@ class BastionProcess:
             self.log,
         )
         return self
+
+    def directory_indexes(self) -> dict[str, int]:
+        """The index of each directory watch, from the bastion's /metrics."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            text = resp.read().decode()
+        found = re.findall(r'^bastion_directory_index\{watch="(\w+)"\} (\S+)$', text, re.M)
+        return {name: int(float(value)) for name, value in found}
+
+    def wait_synced(self, consul: ConsulAgent, timeout: float = 15.0) -> None:
+        """Wait until the bastion's directory has seen every write made to
+        ``consul`` so far (instead of sleeping after a ``kv put``)."""
+        settings = self.sections.get("consul", {})
+        targets = {
+            "routes": consul.index_of(f"/v1/kv/{settings.get('routes_prefix', 'users/')}?recurse"),
+            "keys": consul.index_of(f"/v1/kv/{settings.get('keys_prefix', 'ssh-keys/')}?recurse"),
+            "host_keys": consul.index_of(
+                f"/v1/kv/{settings.get('host_keys_prefix', 'host-keys/')}?recurse"
+            ),
+            "nodes": consul.index_of("/v1/catalog/nodes"),
+            "health": consul.index_of("/v1/health/state/any"),
+        }
+
+        def synced() -> bool:
+            seen = self.directory_indexes()
+            return all(seen.get(name, 0) >= index for name, index in targets.items())
+
+        wait_until("bastion directory in sync with consul", synced, timeout, log=self.log)
 
     def audit_records(self) -> list[dict[str, Any]]:
         if not self.audit_file.exists():

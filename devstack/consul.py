@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,6 +107,18 @@ class ConsulAgent:
     ) -> tuple[int, Any]:
         tok = self.management_token if token is None else token
         return http_json(method, f"{self.http_addr}{path}", token=tok or None, body=body)
+
+    def index_of(self, path: str) -> int:
+        """Consul's ``X-Consul-Index`` for ``path`` now (what a blocking query
+        on it has to reach to have seen every write so far)."""
+        req = urllib.request.Request(  # noqa: S310 - the agent's own http:// address
+            f"{self.http_addr}{path}", headers={"X-Consul-Token": self.management_token}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 - loopback
+                return int(resp.headers["X-Consul-Index"])
+        except urllib.error.HTTPError as exc:  # 404: an empty prefix still has an index
+            return int(exc.headers["X-Consul-Index"])
 
     def kv_put(self, key: str, value: str | bytes) -> None:
         raw = value if isinstance(value, bytes) else value.encode()

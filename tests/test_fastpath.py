@@ -559,7 +559,7 @@ def test_importing_the_data_plane_loads_no_patch() -> None:
         "import json, sys\n"
         "import bastion.fastpath\n"
         "libs = [m for m in sys.modules if m.split('.')[0] in ('asyncssh', 'cryptography')]\n"
-        "import bastion.relay\n"
+        "import bastion.core.relay\n"
         "ours = [m for m in sys.modules if m.startswith(('bastion.fastpath', 'bastion.tuning'))]\n"
         "print(json.dumps([sorted(libs), sorted(ours)]))\n"
     )

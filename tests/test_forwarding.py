@@ -83,9 +83,9 @@ def policy(consul: ConsulAgent, hosts: dict[str, SshdHost]) -> Iterator[dict[str
     consul.kv_put("users/bob", route(hosts, "host-101"))
 
 
-def put_entry(consul: ConsulAgent, user: str, value: object) -> None:
+def put_entry(consul: ConsulAgent, bastion: BastionProcess, user: str, value: object) -> None:
     consul.kv_put(f"users/{user}", value if isinstance(value, str) else json.dumps(value))
-    time.sleep(1.0)  # in force within milliseconds; a wide margin for a loaded CI
+    bastion.wait_synced(consul)  # in force within milliseconds
 
 
 def run(argv: list[str], **kw: object) -> subprocess.CompletedProcess[bytes]:
@@ -153,7 +153,7 @@ def test_jump_follows_the_route(
     assert refused.returncode == 255
     assert b"administratively prohibited" in refused.stderr
     assert b"alice may not connect to host-101:" in refused.stderr
-    put_entry(consul, "alice", route(hosts, "host-101"))
+    put_entry(consul, bastion, "alice", route(hosts, "host-101"))
     assert jump("host-101").stdout == b"host-101\n"
     assert jump("host-102").returncode == 255
     records = [
@@ -198,7 +198,10 @@ def test_jump_by_address_and_extra_jump_hosts(
     assert by_addr.stdout == b"host-102\n", by_addr.stderr
     assert run([*argv, "-p", str(h101.port), f"alice@{h101.address}", "hostname"]).returncode == 255
     put_entry(
-        consul, "alice", {"route": route(hosts, "host-102"), "jump": [f"host-101:{h101.port}"]}
+        consul,
+        bastion,
+        "alice",
+        {"route": route(hosts, "host-102"), "jump": [f"host-101:{h101.port}"]},
     )
     extra = run([*argv, "-p", str(h101.port), f"alice@{h101.address}", "hostname"])
     assert extra.stdout == b"host-101\n", extra.stderr
@@ -251,7 +254,9 @@ def test_agent_forwarding_by_policy(
     assert b"rc=2" in off.stdout, off
     # ... and none on the bastion either: the request is refused, no socket is made
     assert _bastion_agent_sockets_during(bastion, alice, agent) == 0
-    put_entry(consul, "alice", {"route": route(hosts, "host-102"), "agent_forwarding": True})
+    put_entry(
+        consul, bastion, "alice", {"route": route(hosts, "host-102"), "agent_forwarding": True}
+    )
     on = run(argv, env=agent)
     assert on.returncode == 0, on.stderr
     assert fingerprint(alice) in on.stdout
@@ -338,7 +343,9 @@ def test_local_forwarding_by_policy(
     policy: dict[str, object],
 ) -> None:
     h101 = hosts["host-101"]
-    put_entry(consul, "alice", {"route": route(hosts, "host-102"), "local_forwarding": True})
+    put_entry(
+        consul, bastion, "alice", {"route": route(hosts, "host-102"), "local_forwarding": True}
+    )
     lport = devstack.free_port()
     client = _forwarding_client(
         bastion, people["alice"], ["-L", f"127.0.0.1:{lport}:{h101.address}:{h101.port}"]
@@ -392,7 +399,9 @@ def test_remote_forwarding_by_policy(
     assert denied.returncode == 255
     assert b"remote port forwarding failed" in err
 
-    put_entry(consul, "alice", {"route": route(hosts, "host-102"), "remote_forwarding": True})
+    put_entry(
+        consul, bastion, "alice", {"route": route(hosts, "host-102"), "remote_forwarding": True}
+    )
     client = _forwarding_client(bastion, people["alice"], spec)
     try:
         # a connection made on host-102 comes back through the bastion to the

@@ -68,7 +68,7 @@ def test_route_change_is_in_force_for_next_login(
                 break
         assert out == b"host-101\n"
         consul.kv_delete("users/alice")
-        time.sleep(1.0)
+        bastion.wait_synced(consul)
         refused = ssh(bastion, alice, "hostname")
         assert refused.returncode == 255
         assert b"no route for alice" in refused.stderr

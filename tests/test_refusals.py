@@ -41,9 +41,9 @@ def dave(consul: ConsulAgent, people: dict[str, Person]) -> Iterator[Person]:
     consul.kv_delete("ssh-keys/dave")
 
 
-def set_route(consul: ConsulAgent, user: str, value: str | bytes) -> None:
+def set_route(consul: ConsulAgent, bastion: BastionProcess, user: str, value: str | bytes) -> None:
     consul.kv_put(f"users/{user}", value)
-    time.sleep(1.0)  # in force within milliseconds; a wide margin for a loaded CI
+    bastion.wait_synced(consul)  # in force within milliseconds
 
 
 @pytest.mark.parametrize(
@@ -66,7 +66,7 @@ def test_bad_entries_are_refused_and_others_keep_working(
     value: bytes,
     message: bytes,
 ) -> None:
-    set_route(consul, "dave", value)
+    set_route(consul, bastion, "dave", value)
     result = ssh(bastion.port, "dave", dave.key, "hostname")
     assert result.returncode == 255
     assert result.stdout == b""
@@ -81,13 +81,16 @@ def test_unhealthy_host_is_not_used(
     bastion: BastionProcess, consul: ConsulAgent, hosts: dict[str, SshdHost], dave: Person
 ) -> None:
     consul.register_node("host-666", hosts["host-102"].address, status="critical")
-    set_route(consul, "dave", f"host-666:{hosts['host-102'].port}")
+    set_route(consul, bastion, "dave", f"host-666:{hosts['host-102'].port}")
     result = ssh(bastion.port, "dave", dave.key, "hostname")
     assert result.returncode == 255
     assert b"host-666 is down" in result.stderr
     # with a fallback the next healthy target is used
     set_route(
-        consul, "dave", f"dave@host-666:{hosts['host-102'].port}, alice@{route(hosts, 'host-101')}"
+        consul,
+        bastion,
+        "dave",
+        f"dave@host-666:{hosts['host-102'].port}, alice@{route(hosts, 'host-101')}",
     )
     result = ssh(bastion.port, "dave", dave.key, "hostname; id -un")
     assert result.stdout == b"host-101\nalice\n", result.stderr
@@ -104,7 +107,7 @@ def test_unreachable_host_is_named(
         "host-keys/host-404",
         "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl",
     )
-    set_route(consul, "dave", f"host-404:{devstack.free_port('127.0.1.104')}")
+    set_route(consul, bastion, "dave", f"host-404:{devstack.free_port('127.0.1.104')}")
     result = ssh(bastion.port, "dave", dave.key, "hostname")
     assert result.returncode == 255
     assert b"cannot reach host-404" in result.stderr
@@ -135,20 +138,20 @@ def test_upstream_host_key_is_verified(
     host_103: SshdHost,
     dave: Person,
 ) -> None:
-    set_route(consul, "dave", f"alice@host-103:{host_103.port}")
+    set_route(consul, bastion, "dave", f"alice@host-103:{host_103.port}")
     unknown = ssh(bastion.port, "dave", dave.key, "hostname")
     assert unknown.returncode == 255
     assert b"no known host key for host-103" in unknown.stderr
     # a wrong key published in the directory: mismatch, refused
     consul.kv_put("host-keys/host-103", hosts["host-101"].host_pubkey)
-    time.sleep(1.0)
+    bastion.wait_synced(consul)
     mismatch = ssh(bastion.port, "dave", dave.key, "hostname")
     assert mismatch.returncode == 255
     assert b"host key of host-103" in mismatch.stderr
     assert b"does not match" in mismatch.stderr
     # the right key: accepted
     consul.kv_put("host-keys/host-103", host_103.host_pubkey)
-    time.sleep(1.0)
+    bastion.wait_synced(consul)
     ok = ssh(bastion.port, "dave", dave.key, "hostname")
     assert ok.stdout == b"host-103\n", ok.stderr
     reasons = {r.get("reason") for r in bastion.audit_records() if r.get("user") == "dave"}
@@ -268,7 +271,7 @@ def test_audit_record_of_a_refusal(
     bastion: BastionProcess, consul: ConsulAgent, dave: Person
 ) -> None:
     consul.kv_delete("users/dave")
-    time.sleep(1.0)
+    bastion.wait_synced(consul)
     result = ssh(bastion.port, "dave", dave.key, "true")
     assert b"no route for dave" in result.stderr
     record = bastion.wait_audit(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import subprocess
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -67,12 +66,23 @@ def held_session(
         stop_ssh_client(holder)
 
 
+def wait_no_shared_connection(bastion: BastionProcess) -> None:
+    """Until the bastion holds no upstream connection for reuse (its metric)."""
+    devstack.wait_until(
+        "idle upstream connection closed",
+        lambda: bastion.metric("bastion_upstream_shared_connections") == 0,
+        15,
+    )
+
+
 @pytest.fixture
-def restore_routes(consul: ConsulAgent, hosts: dict[str, SshdHost]) -> Iterator[None]:
+def restore_routes(
+    consul: ConsulAgent, hosts: dict[str, SshdHost], bastion: BastionProcess
+) -> Iterator[None]:
     yield
     consul.kv_put("users/alice", route(hosts, "host-102"))
     consul.kv_put("users/bob", route(hosts, "host-101"))
-    time.sleep(1.0)
+    bastion.wait_synced(consul)
 
 
 def test_next_login_reuses_the_upstream_connection(
@@ -106,7 +116,7 @@ def test_another_person_never_shares_a_connection(
 ) -> None:
     # bob is routed to the very account alice uses on host-102
     consul.kv_put("users/bob", route(hosts, "host-102", login="alice"))
-    time.sleep(1.0)
+    bastion.wait_synced(consul)
     alice_host, alice_port = upstream_port(bastion, people["alice"])
     bob_host, bob_port = upstream_port(bastion, people["bob"])
     assert alice_host == bob_host == "host-102"
@@ -125,7 +135,7 @@ def test_route_change_is_never_served_by_the_old_connection(
     alice = people["alice"]
     assert upstream_port(bastion, alice)[0] == "host-102"
     consul.kv_put("users/alice", route(hosts, "host-101"))
-    time.sleep(1.0)
+    bastion.wait_synced(consul)
     assert upstream_port(bastion, alice)[0] == "host-101"
 
 
@@ -141,7 +151,7 @@ def test_connection_with_a_remote_forward_is_not_shared(
         "users/alice",
         json.dumps({"route": route(hosts, "host-102"), "remote_forwarding": True}),
     )
-    time.sleep(1.0)
+    bastion.wait_synced(consul)
     rport = devstack.free_port()
     forward = ["-o", "ExitOnForwardFailure=yes", "-R", f"127.0.0.1:{rport}:127.0.0.1:9"]
     with held_session(bastion, alice, forward) as forward_port:
@@ -159,13 +169,13 @@ def test_idle_connection_closes_and_reuse_can_be_turned_off(
 ) -> None:
     alice = people["alice"]
     short = start_bastion(
-        tmp_path / "short", consul, consul_tokens, vault, known_hosts, reuse_idle=1
+        tmp_path / "short", consul, consul_tokens, vault, known_hosts, reuse_idle=3
     )
     try:
         first = upstream_port(short, alice)[1]
-        assert upstream_port(short, alice)[1] == first  # within a second: reused
-        time.sleep(2.5)
-        assert upstream_port(short, alice)[1] != first  # idle past 1 s: closed
+        assert upstream_port(short, alice)[1] == first  # within reuse_idle: reused
+        wait_no_shared_connection(short)  # idle past reuse_idle: closed
+        assert upstream_port(short, alice)[1] != first
     finally:
         short.stop()
     aged = start_bastion(
@@ -173,8 +183,8 @@ def test_idle_connection_closes_and_reuse_can_be_turned_off(
     )
     try:
         first = upstream_port(aged, alice)[1]
-        time.sleep(1.5)
-        # idle for less than reuse_idle, but older than reuse_max_age
+        # closed once older than reuse_max_age, though idle for less than reuse_idle
+        wait_no_shared_connection(aged)
         assert upstream_port(aged, alice)[1] != first
     finally:
         aged.stop()
@@ -204,7 +214,7 @@ def test_host_with_max_sessions_1_gets_a_private_connection(
         consul.register_node("host-103", host.address)
         consul.kv_put("host-keys/host-103", host.host_pubkey)
         consul.kv_put("users/alice", f"host-103:{host.port}")
-        time.sleep(1.0)
+        bastion.wait_synced(consul)
         alice = people["alice"]
         with held_session(bastion, alice) as first_port:
             name, port = upstream_port(bastion, alice)  # fails (255) without the fallback

@@ -80,8 +80,7 @@ class LocalCASigner:
             raise ConfigError(
                 f"{what}: {ca_key_file} is not a usable OpenSSH private key ({exc})"
             ) from None
-        if ttl <= 0:
-            raise ConfigError(f"{what}: certificate ttl must be positive, got {ttl}")
+        # ttl: [upstream] cert_ttl, checked by the settings (30-3600 s)
         self.ca_key_file = ca_key_file
         self.ttl = ttl
 
@@ -130,8 +129,7 @@ class VaultCertificateSigner:
     """
 
     def __init__(self, client: VaultClient, mount: str, role: str, ttl: int) -> None:
-        if ttl <= 0:
-            raise ConfigError(f"certificate ttl must be positive, got {ttl}")
+        # ttl: [upstream] cert_ttl, checked by the settings (30-3600 s)
         self.client = client
         self.mount = mount
         self.role = role
@@ -184,11 +182,10 @@ class VaultCertificateSigner:
 def build_signer(settings: Settings, vault: VaultClient | None) -> CertificateSigner:
     """Vault's SSH engine when ``[vault]`` is configured, else the local CA key."""
     if settings.vault.enabled:
-        if vault is None:
-            raise ConfigError("[vault] is configured but no Vault client was set up")
+        assert vault is not None, "the application starts the Vault client first"
         return VaultCertificateSigner(
             vault, settings.vault.ssh_mount, settings.vault.ssh_role, settings.upstream.cert_ttl
         )
-    if settings.upstream.ca_key is None:
-        raise ConfigError("[upstream] ca_key is required when [vault] is not configured")
+    # the settings require ca_key without [vault] (bastion.config._validate)
+    assert settings.upstream.ca_key is not None
     return LocalCASigner(settings.upstream.ca_key, settings.upstream.cert_ttl)

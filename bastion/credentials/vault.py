@@ -36,8 +36,7 @@ class VaultClient:
     """
 
     def __init__(self, settings: VaultSettings) -> None:
-        if settings.address is None:
-            raise ConfigError("[vault] address is not set")
+        assert settings.address is not None, "VaultClient is made only for [vault] address"
         self.address = settings.address.rstrip("/")
         self._auth = VaultToken(settings, self.address)
         self._http = self._auth.http

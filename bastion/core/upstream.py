@@ -287,6 +287,11 @@ class UpstreamPool:
         task.add_done_callback(lambda _t: self._forget(shared))
         return UpstreamLease(self, conn, reused=False, origin=plan.key_id, shared=shared)
 
+    @property
+    def shared_open(self) -> int:
+        """Upstream connections the pool holds for reuse, in use or idle."""
+        return sum(len(entries) for entries in self._shared.values())
+
     def _usable(self, s: _Shared) -> bool:
         return (
             not s.retired and not s.conn.is_closed() and time.monotonic() - s.opened < self.max_age

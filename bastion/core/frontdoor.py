@@ -1,9 +1,13 @@
-"""The SSH server people connect to: listener lifecycle, per-connection
-callbacks, the live-session registry and drain.
+"""The front door: the SSH listener people connect to, each connection's
+life and authentication, and its upstream connection.
 
-This is the one place where a :class:`BastionError` becomes what the person
-sees (a stderr line and exit status 255, an auth banner, or a channel-open
-refusal) and an audit record.
+Limits at the door: ``[server] max_unauthenticated`` connections waiting to
+authenticate (more are turned away after the version exchange, with a
+message the client prints), ``login_grace_time``, and sshd's MaxAuthTries
+(``max_auth_attempts``). Errors become what the person sees in
+:mod:`bastion.core.refusal`; everything observable goes out as events
+(:mod:`bastion.events`). The front door holds no policy: it asks the policy
+layer for a plan (:class:`~bastion.model.UpstreamPlan`) and acts on it.
 """
 
 from __future__ import annotations
@@ -13,45 +17,36 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import asyncssh
 
-from bastion.audit import AuditLog
 from bastion.config import ServerSettings
+from bastion.core import refusal
+from bastion.core.channels import ChannelRequests
+from bastion.core.sshd_compat import count_auth_failures, handle_no_more_sessions
+from bastion.core.upstream import UpstreamLease
 from bastion.errors import (
     BastionError,
-    ClientRefused,
     ConfigError,
     DirectoryUnavailable,
-    ForwardDenied,
-    HostUnreachable,
-    RequestDenied,
     TooManyAuthFailures,
     TooManyConnections,
     UpstreamAuthFailed,
-    UpstreamRefused,
+)
+from bastion.events import (
+    ConnectionAccepted,
+    ConnectionClosed,
+    EventBus,
+    LoginAccepted,
+    LoginRefused,
 )
 from bastion.identity import KeyDirectory, valid_user_name
-from bastion.metrics import Metrics
 from bastion.model import ForwardingPolicy, TunnelPlan, UpstreamPlan
-from bastion.relay import (
-    ChannelFar,
-    RelayStats,
-    SessionRelay,
-    TunnelRelay,
-    open_tcp_tunnel,
-)
-from bastion.sshd_compat import (
-    count_auth_failures,
-    handle_no_more_sessions,
-    transparent_channel,
-)
-from bastion.upstream import UpstreamLease
 
-log = logging.getLogger("bastion.server")
+log = logging.getLogger("bastion.frontdoor")
 
 
 class Policy(Protocol):
@@ -83,13 +78,12 @@ class ServerContext:
     policy: Policy
     connector: Connector
     keys: KeyDirectory
-    audit: AuditLog
-    metrics: Metrics
+    events: EventBus
     tunnel_timeout: float = 10.0
 
 
-class BastionConnection(asyncssh.SSHServer):
-    """Callbacks for one person's connection."""
+class BastionConnection(ChannelRequests):
+    """Callbacks for one person's connection (its channels: :class:`ChannelRequests`)."""
 
     def __init__(self, ctx: ServerContext, registry: ConnectionRegistry) -> None:
         self._ctx = ctx
@@ -121,8 +115,9 @@ class BastionConnection(asyncssh.SSHServer):
         self.conn = conn
         peer = conn.get_extra_info("peername") or ("?", 0)
         self.source = f"{peer[0]}:{peer[1]}"
-        self._ctx.metrics.connections.inc()
-        if not self._registry.admit(self):
+        admitted = self._registry.admit(self)
+        self._ctx.events.emit(ConnectionAccepted(self.conn_id, self.source, admitted))
+        if not admitted:
             log.warning(
                 "dropping %s: %d unauthenticated connections already",
                 self.source,
@@ -139,7 +134,6 @@ class BastionConnection(asyncssh.SSHServer):
             )
             return
         self._counted_unauth = True
-        self._ctx.metrics.unauthenticated.inc()
         count_auth_failures(conn, self._auth_failed)
         handle_no_more_sessions(conn, self._set_no_more_sessions)
 
@@ -160,24 +154,23 @@ class BastionConnection(asyncssh.SSHServer):
             if self._refusal
             else ("authenticated" if self._authenticated else "auth-failed")
         )
-        reason = self._refusal.reason if self._refusal else None
         if isinstance(self._refusal, TooManyConnections):
             return  # turned away at the door: a flood must not flood the audit log
-        if not self._authenticated:
-            self._ctx.metrics.logins.labels("auth-failed", reason or "auth").inc()
-        self._ctx.audit.record(
-            "connection",
-            conn=self.conn_id,
-            user=self.user or None,
-            source=self.source,
-            outcome=outcome,
-            reason=reason,
-            message=self._refusal.user_message if self._refusal else None,
-            route=self._plan.route.raw if self._plan else None,
-            channels=self._channels,
-            auth_failures=self._auth_failures or None,
-            closed_by=_closed_by(exc),
-            duration_ms=round((time.monotonic() - self._started) * 1000),
+        self._ctx.events.emit(
+            ConnectionClosed(
+                authenticated=self._authenticated,
+                conn=self.conn_id,
+                user=self.user or None,
+                source=self.source,
+                outcome=outcome,
+                reason=self._refusal.reason if self._refusal else None,
+                message=self._refusal.user_message if self._refusal else None,
+                route=self._plan.route.raw if self._plan else None,
+                channels=self._channels,
+                auth_failures=self._auth_failures,
+                closed_by=_closed_by(exc),
+                duration_ms=round((time.monotonic() - self._started) * 1000),
+            )
         )
 
     def _disconnect(self, exc: BastionError, code: int = asyncssh.DISC_BY_APPLICATION) -> None:
@@ -187,8 +180,7 @@ class BastionConnection(asyncssh.SSHServer):
         if self._refusal is None or isinstance(exc, TooManyAuthFailures):
             self._refusal = exc
         if self.conn is not None:
-            with contextlib.suppress(Exception):
-                self.conn.disconnect(code, f"bastion: {exc.user_message}")
+            refusal.disconnect(self.conn, exc, code)
 
     def _auth_failed(self, counted: bool) -> bool:
         """Before each auth failure is sent: sshd's MaxAuthTries, which disconnects
@@ -207,12 +199,9 @@ class BastionConnection(asyncssh.SSHServer):
             self._auth_failures,
         )
         # sshd's own wording and code (packet.c: SSH2_DISCONNECT_PROTOCOL_ERROR)
-        self._refusal = TooManyAuthFailures("Too many authentication failures")
-        if self.conn is not None:
-            with contextlib.suppress(Exception):
-                self.conn.disconnect(
-                    asyncssh.DISC_PROTOCOL_ERROR, "Too many authentication failures"
-                )
+        self._disconnect(
+            TooManyAuthFailures("Too many authentication failures"), asyncssh.DISC_PROTOCOL_ERROR
+        )
         return False
 
     def _set_no_more_sessions(self) -> None:
@@ -222,7 +211,6 @@ class BastionConnection(asyncssh.SSHServer):
         if self._counted_unauth:
             self._counted_unauth = False
             self._registry.left_unauth()
-            self._ctx.metrics.unauthenticated.dec()
 
     # -- authentication ------------------------------------------------------
 
@@ -315,7 +303,9 @@ class BastionConnection(asyncssh.SSHServer):
             )
         except BastionError as exc:
             self._refusal = exc
-            self._ctx.metrics.logins.labels("refused", exc.reason).inc()
+            self._ctx.events.emit(
+                LoginRefused(self.conn_id, self.user, self.source, exc.reason, exc.user_message)
+            )
             log.warning(
                 "login of %s from %s refused: %s: %s",
                 self.user,
@@ -325,10 +315,18 @@ class BastionConnection(asyncssh.SSHServer):
             )
             raise
         self._lease = lease
-        self._ctx.metrics.login_seconds.observe(time.monotonic() - started)
-        self._ctx.metrics.logins.labels("accepted", "").inc()
+        self._ctx.events.emit(
+            LoginAccepted(
+                conn=self.conn_id,
+                user=self.user,
+                source=self.source,
+                upstream=plan.destination.label,
+                reused=lease.reused,
+                upstream_login=lease.origin,
+                seconds=time.monotonic() - started,
+            )
+        )
         if lease.reused:
-            self._ctx.metrics.upstream_reused.inc()
             log.info(
                 "login of %s from %s to %s (upstream connection of %s reused)",
                 self.user,
@@ -370,258 +368,6 @@ class BastionConnection(asyncssh.SSHServer):
             assert self._upstream is not None
             return self._upstream
 
-    # -- channels ------------------------------------------------------------
-
-    def _channel_stats(self, kind: str) -> RelayStats:
-        self._channels += 1
-        self._ctx.metrics.channels_active.labels(kind).inc()
-        return RelayStats(kind=kind)
-
-    def _channel_ended(self, stats: RelayStats) -> None:
-        m = self._ctx.metrics
-        m.channels_active.labels(stats.kind).dec()
-        m.bytes.labels("up").inc(stats.bytes_up)
-        m.bytes.labels("down").inc(stats.bytes_down)
-        err = stats.error
-        self._ctx.audit.record(
-            stats.kind,
-            conn=self.conn_id,
-            user=self.user,
-            source=self.source,
-            route=self._plan.route.raw if self._plan else None,
-            upstream=self._plan.destination.label if self._plan else stats.detail.get("target"),
-            outcome="error" if err else "ok",
-            reason=err.reason if err else None,
-            message=err.user_message if err else None,
-            bytes_up=stats.bytes_up,
-            bytes_down=stats.bytes_down,
-            duration_ms=round(stats.duration * 1000),
-            exit_status=stats.exit_status,
-            exit_signal=stats.exit_signal,
-            request=stats.detail.get("request"),
-            # which login's certificate the host saw (differs when reused)
-            upstream_login=self._lease.origin if self._lease else None,
-        )
-
-    def session_requested(self) -> tuple[asyncssh.SSHServerChannel[bytes], SessionRelay]:
-        assert self.conn is not None
-        if self._no_more_sessions:
-            # sshd's answer (session.c session_open)
-            self._refuse_channel(
-                RequestDenied("a session after no-more-sessions@openssh.com"), "session", ""
-            )
-            self._disconnect(
-                RequestDenied(
-                    "Possible attack: attempt to open a session after additional sessions disabled"
-                ),
-                asyncssh.DISC_PROTOCOL_ERROR,
-            )
-            raise asyncssh.ChannelOpenError(
-                asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "no more sessions"
-            )
-        self._sessions += 1
-        relay = SessionRelay(
-            self.upstream,
-            self._ctx.settings.env_allow,
-            self._channel_stats("session"),
-            self._channel_ended,
-            reopen_upstream=self.private_upstream,
-            on_refused=self._request_refused,
-        )
-        return transparent_channel(self.conn), relay
-
-    def _request_refused(self, request: str, why: str) -> None:
-        """A request on a session channel refused by the bastion (X11, agent)."""
-        self._refuse_channel(RequestDenied(why), request, "")
-
-    def connection_requested(
-        self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
-    ) -> Awaitable[TunnelRelay]:
-        return self._open_tunnel(dest_host, dest_port)
-
-    async def _open_tunnel(self, host: str, port: int) -> TunnelRelay:
-        """A ``direct-tcpip`` channel: ``ssh -J``/``-W`` or ``ssh -L``/``-D``.
-
-        A destination the directory routes this user to is a jump: the
-        bastion connects to it itself. Anything else is local forwarding
-        through the routed host, only where the user's policy allows it.
-        """
-        target = _hostport(host, port)
-        try:
-            tunnel = self._ctx.policy.tunnel(self.user, host, port)
-        except BastionError as exc:
-            self._refuse_channel(exc, "tunnel", target)
-            raise _open_error(exc) from None
-        dest = tunnel.destination
-        if dest is None:  # local forwarding, allowed by policy
-            return await self._forward_via_upstream(
-                "forward", target, lambda up, far: up.create_connection(far, host, port)
-            )
-        stats = self._channel_stats("tunnel")
-        stats.detail["target"] = dest.label
-        relay = TunnelRelay(stats, self._channel_ended)
-        try:
-            return await open_tcp_tunnel(relay, dest.host, dest.port, self._ctx.tunnel_timeout)
-        except (OSError, TimeoutError) as exc:
-            reason = getattr(exc, "strerror", None) or "timed out"
-            err = HostUnreachable(f"cannot reach {dest.label}: {reason}")
-            stats.error = err
-            self._channel_ended(stats)
-            raise _open_error(err) from None
-
-    def unix_connection_requested(self, dest_path: str) -> Awaitable[TunnelRelay]:
-        """``ssh -L PORT:/path/to.sock``: the routed host connects to its socket."""
-        return self._open_unix_tunnel(dest_path)
-
-    async def _open_unix_tunnel(self, path: str) -> TunnelRelay:
-        if not self._forwarding.local_forwarding:
-            denied = ForwardDenied(
-                f"{self.user} may not connect to the socket {path}: local forwarding is off"
-            )
-            self._refuse_channel(denied, "forward", path)
-            raise _open_error(denied)
-        return await self._forward_via_upstream(
-            "forward", path, lambda up, far: up.create_unix_connection(far, path)
-        )
-
-    def tun_requested(self, unit: int | None) -> bool:
-        """``ssh -w``: refused as sshd refuses it with ``PermitTunnel no``."""
-        denied = RequestDenied("tunnel device forwarding (ssh -w) is not carried by the bastion")
-        self._refuse_channel(denied, "tun", "" if unit is None else f"tun{unit}")
-        raise _open_error(denied)
-
-    def tap_requested(self, unit: int | None) -> bool:
-        return self.tun_requested(unit)
-
-    async def _forward_via_upstream(
-        self,
-        kind: str,
-        target: str,
-        open_far: Callable[
-            [asyncssh.SSHClientConnection, Callable[[], ChannelFar]], Awaitable[object]
-        ],
-    ) -> TunnelRelay:
-        """``ssh -L``: the routed host opens the connection, as if logged in there."""
-        try:
-            upstream = await self.upstream()
-        except BastionError as exc:
-            self._refuse_channel(exc, kind, target)
-            raise _open_error(exc) from None
-        stats = self._channel_stats(kind)
-        stats.detail["target"] = target
-        relay = TunnelRelay(stats, self._channel_ended)
-        try:
-            await open_far(upstream, lambda: ChannelFar(relay))
-        except asyncssh.ChannelOpenError as exc:
-            # the host's own words, with its code: the client prints them as
-            # it would for a direct login ("connect failed: Connection refused")
-            stats.error = UpstreamRefused(f"{target} via the host: {exc.reason}")
-            self._channel_ended(stats)
-            raise
-        except (OSError, asyncssh.Error) as exc:
-            err = UpstreamRefused(f"{target} via the host: {exc}")
-            stats.error = err
-            self._channel_ended(stats)
-            raise _open_error(err) from None
-        return relay
-
-    def _refuse_channel(self, exc: BastionError, kind: str, target: str) -> None:
-        log.warning(
-            "%s of %s from %s to %s refused: %s", kind, self.user, self.source, target, exc.detail
-        )
-        self._ctx.audit.record(
-            kind,
-            conn=self.conn_id,
-            user=self.user,
-            source=self.source,
-            upstream=target or None,
-            outcome="refused",
-            reason=exc.reason,
-            message=exc.user_message,
-        )
-
-    def server_requested(
-        self, listen_host: str, listen_port: int
-    ) -> Awaitable[asyncssh.SSHListener | bool]:
-        target = _hostport(listen_host, listen_port)
-
-        def listen(up: asyncssh.SSHClientConnection, incoming: Any) -> Awaitable[Any]:
-            return up.create_server(incoming, listen_host, listen_port, encoding=None)
-
-        def back(
-            front: asyncssh.SSHServerConnection, far: Any, port: int, *orig: Any
-        ) -> Awaitable[Any]:
-            # the port the host allocated for `-R 0:...`: the client matches
-            # forwarded-tcpip channels by it ("unknown listen_port 0" otherwise)
-            return front.create_connection(far, listen_host, port, *orig, encoding=None)
-
-        return self._remote_forward(target, listen, back)
-
-    def unix_server_requested(self, listen_path: str) -> Awaitable[asyncssh.SSHListener | bool]:
-        def listen(up: asyncssh.SSHClientConnection, incoming: Any) -> Awaitable[Any]:
-            return up.create_unix_server(incoming, listen_path, encoding=None)
-
-        def back(
-            front: asyncssh.SSHServerConnection, far: Any, port: int, *orig: Any
-        ) -> Awaitable[Any]:
-            return front.create_unix_connection(far, listen_path, encoding=None)
-
-        return self._remote_forward(listen_path, listen, back)
-
-    async def _remote_forward(
-        self,
-        target: str,
-        listen: Callable[[asyncssh.SSHClientConnection, Any], Awaitable[Any]],
-        back: Callable[..., Awaitable[Any]],
-    ) -> asyncssh.SSHListener | bool:
-        """``ssh -R``: the routed host listens; its connections come back to the person."""
-        if not self._forwarding.remote_forwarding:
-            exc = ForwardDenied(f"{self.user} may not forward remote ports or sockets")
-            self._refuse_channel(exc, "remote-forward", target)
-            return False
-        try:
-            upstream = await self.upstream()
-        except BastionError as exc:
-            self._refuse_channel(exc, "remote-forward", target)
-            return False
-        front = self.conn
-        assert front is not None
-        ports: list[int] = [0]
-
-        async def incoming(*orig: object) -> TunnelRelay:
-            # open the person's side first, so the host's connection is
-            # accepted only once there is somewhere for its bytes to go
-            stats = self._channel_stats("remote-forward")
-            stats.detail["target"] = target
-            relay = TunnelRelay(stats, self._channel_ended)
-            try:
-                await back(front, lambda: ChannelFar(relay), ports[0], *orig)
-            except (asyncssh.ChannelOpenError, OSError) as exc:
-                stats.error = ClientRefused(f"the client refused {target}: {exc}")
-                self._channel_ended(stats)
-                raise asyncssh.ChannelOpenError(
-                    asyncssh.OPEN_CONNECT_FAILED, "the client refused the connection"
-                ) from None
-            return relay
-
-        if self._lease is not None:
-            # the listener is this connection's: no one else gets this upstream
-            self._lease.retire()
-        try:
-            listener = await listen(upstream, incoming)
-        except (asyncssh.ChannelListenError, OSError) as exc:
-            refused = UpstreamRefused(f"the host refused: {exc}")
-            self._refuse_channel(refused, "remote-forward", target)
-            return False
-        with contextlib.suppress(Exception):
-            ports[0] = int(listener.get_port())
-        self._listeners.append(listener)
-        return cast(asyncssh.SSHListener, listener)
-
-
-def _hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
 
 def _closed_by(exc: Exception | None) -> str:
     """Who ended a connection, for its audit record."""
@@ -632,11 +378,6 @@ def _closed_by(exc: Exception | None) -> str:
     if isinstance(exc, asyncssh.DisconnectError):
         return f"client: {exc.reason}"[:200]
     return f"error: {type(exc).__name__}"
-
-
-def _open_error(exc: BastionError) -> asyncssh.ChannelOpenError:
-    """The channel-open failure a person's client sees for ``exc``."""
-    return asyncssh.ChannelOpenError(exc.open_code, exc.user_message)
 
 
 class ConnectionRegistry:
@@ -659,6 +400,11 @@ class ConnectionRegistry:
 
     def left_unauth(self) -> None:
         self._unauth -= 1
+
+    @property
+    def unauthenticated(self) -> int:
+        """Connections admitted and not yet authenticated (a metrics gauge reads it)."""
+        return self._unauth
 
     def remove(self, conn: BastionConnection) -> None:
         self.live.discard(conn)

@@ -31,9 +31,10 @@ from typing import Any, Protocol, cast
 import asyncssh
 from asyncssh import EXTENDED_DATA_STDERR
 
+from bastion.core.refusal import end_session
+from bastion.core.sshd_compat import wire_bytes
 from bastion.errors import BastionError, UpstreamLost, UpstreamRefused
 from bastion.fastpath.sockets import QUICKACK_BELOW, quickack
-from bastion.sshd_compat import wire_bytes
 
 log = logging.getLogger("bastion.relay")
 
@@ -292,9 +293,7 @@ class SessionRelay(asyncssh.SSHServerSession[bytes]):
         self.stats.error = exc
         chan = self._chan
         if chan is not None and not self._closed:
-            if not chan.is_closing():  # not after EOF: writing would raise
-                chan.write_stderr(f"bastion: {exc.user_message}\r\n".encode())
-            chan.exit(255)
+            end_session(chan, exc)
 
     def _upstream_data(self, data: bytes, datatype: asyncssh.DataType) -> None:
         assert self._chan is not None
