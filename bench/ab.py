@@ -8,9 +8,12 @@ HEAD~3``)::
 
     python -m bench.ab --b-tuning none                 # the speed-ups, on vs off
     python -m bench.ab --b-pythonpath /tmp/old --reps 7 # this tree vs an older one
+    python -m bench.ab --logins 300 --directions ""    # CPU per login only
 
 Prints, per direction and path, the median MB/s and bastion CPU s/GB (with
-every run's CPU figure).
+every run's CPU figure); with ``--logins N``, N ``ssh ... true`` logins per
+bastion in alternating blocks of 25, and each bastion's CPU per login and
+median login time.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import statistics
 import sys
 from collections.abc import Sequence
 
-from bench.measure import cpu_seconds
+from bench.measure import cpu_seconds, run_ssh
 from bench.run import DIRECTIONS, _transfer
 from bench.stack import CIPHERS, BenchStack
 
@@ -43,6 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--directions", default=",".join(DIRECTIONS))
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--mib", type=int, default=512, help="bytes per transfer, MiB")
+    parser.add_argument("--logins", type=int, default=0, help="logins per bastion (0: none)")
     args = parser.parse_args(argv)
     directions = [d for d in args.directions.split(",") if d]
     if set(directions) - set(DIRECTIONS):
@@ -85,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"{[round(x, 2) for x in cpu[name]]}",
                         flush=True,
                     )
+            if args.logins:
+                _logins(runs["A"], runs["B"], args.logins)
     finally:
         for k, v in saved.items():
             if v is None:
@@ -92,6 +98,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 os.environ[k] = v
     return 0
+
+
+def _logins(a: tuple[list[str], int], b: tuple[list[str], int], count: int) -> None:
+    """Fresh ``ssh ... true`` logins, alternating A and B in blocks of 25."""
+    cpu = {"A": 0.0, "B": 0.0}
+    times: dict[str, list[float]] = {"A": [], "B": []}
+    done = 0
+    while done < count:
+        block = min(25, count - done)
+        for name, (argv, pid) in (("A", a), ("B", b)) if done % 50 == 0 else (("B", b), ("A", a)):
+            c0 = cpu_seconds(pid)
+            for _ in range(block):
+                times[name].append(run_ssh([*argv, "true"], timeout=30) * 1000)
+            cpu[name] += cpu_seconds(pid) - c0
+        done += block
+    for name in ("A", "B"):
+        print(
+            f"logins   {name:4s} cpu {cpu[name] / count * 1000:.2f} ms/login  "
+            f"p50 {statistics.median(times[name]):.1f} ms",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

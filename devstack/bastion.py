@@ -92,11 +92,20 @@ class BastionProcess:
         )
         return self
 
-    def directory_indexes(self) -> dict[str, int]:
-        """The index of each directory watch, from the bastion's /metrics."""
+    def metrics_text(self) -> str:
+        """The bastion's /metrics page (its ``[metrics] listen``)."""
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=5) as resp:
-            text = resp.read().decode()
+            return str(resp.read().decode())
+
+    def metric(self, name: str) -> float | None:
+        """The value of an unlabelled series on the bastion's /metrics."""
+        found = re.search(rf"^{re.escape(name)} (\S+)$", self.metrics_text(), re.M)
+        return float(found.group(1)) if found else None
+
+    def directory_indexes(self) -> dict[str, int]:
+        """The index of each directory watch, from the bastion's /metrics."""
+        text = self.metrics_text()
         found = re.findall(r'^bastion_directory_index\{watch="(\w+)"\} (\S+)$', text, re.M)
         return {name: int(float(value)) for name, value in found}
 

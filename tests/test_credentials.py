@@ -570,5 +570,3 @@ def test_build_signer_picks_vault_or_local_ca(approle: VaultSettings, local_ca: 
             await client.aclose()
 
     run(scenario())
-    with pytest.raises(ConfigError):
-        build_signer(Settings(vault=approle), None)

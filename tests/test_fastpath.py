@@ -553,13 +553,13 @@ def test_startup_line_names_the_features_and_the_window_fix(
 
 def test_importing_the_data_plane_loads_no_patch() -> None:
     """The package alone loads nothing of asyncssh or cryptography, and
-    relay.py (which imports asyncssh itself) takes only the socket helper:
+    the relays (which import asyncssh themselves) take only the socket helper:
     the patches are imported by apply()."""
     code = (
         "import json, sys\n"
         "import bastion.fastpath\n"
         "libs = [m for m in sys.modules if m.split('.')[0] in ('asyncssh', 'cryptography')]\n"
-        "import bastion.core.relay\n"
+        "import bastion.core.relay, bastion.core.tunnel\n"
         "ours = [m for m in sys.modules if m.startswith(('bastion.fastpath', 'bastion.tuning'))]\n"
         "print(json.dumps([sorted(libs), sorted(ours)]))\n"
     )

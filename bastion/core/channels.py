@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any, cast
 import asyncssh
 
 from bastion.core.refusal import open_error
-from bastion.core.relay import ChannelFar, RelayStats, SessionRelay, TunnelRelay, open_tcp_tunnel
+from bastion.core.relay import RelayStats, SessionRelay
 from bastion.core.sshd_compat import transparent_channel
+from bastion.core.tunnel import ChannelFar, TunnelRelay, open_tcp_tunnel
 from bastion.errors import (
     BastionError,
     ClientRefused,
