@@ -27,6 +27,7 @@ person logging in: no secrets, no internal addresses beyond the routed host)::
         ├── ClientRefused           the client refused a channel the bastion opened to it
         ├── TooManyAuthFailures     MaxAuthTries reached (sshd_config(5))
         └── TooManyConnections      the unauthenticated-connection bound is full
+    SessionEnded                    an operator ended a live connection
 
 ``open_code`` is the SSH channel-open failure code (RFC 4254 section 5.1) a
 refused channel carries; OpenSSH clients print "administratively
@@ -144,3 +145,9 @@ class TooManyAuthFailures(ClientError):
 
 class TooManyConnections(ClientError):
     reason = "max-unauthenticated"
+
+
+class SessionEnded(BastionError):
+    """An operator (or a drain, or the directory) ended a live connection."""
+
+    reason = "ended-by-operator"

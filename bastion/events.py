@@ -91,6 +91,8 @@ class ChannelEnded:
     exit_signal: str | None
     request: str | None
     upstream_login: str | None
+    # sessions only: "<conn>-<n>", also the recording's name
+    session_id: str | None = None
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,8 @@ class ChannelRequests(asyncssh.SSHServer):
     _listeners: list[asyncssh.SSHListener]
     _channels: int
     _no_more_sessions: bool
+    # the relays' counters of this connection's channels that are open now
+    open_channels: set[RelayStats]
 
     async def upstream(self) -> asyncssh.SSHClientConnection:
         raise NotImplementedError
@@ -75,9 +77,12 @@ class ChannelRequests(asyncssh.SSHServer):
     def _channel_stats(self, kind: str) -> RelayStats:
         self._channels += 1
         self._ctx.events.emit(ChannelOpened(self.conn_id, kind))
-        return RelayStats(kind=kind)
+        stats = RelayStats(kind=kind)
+        self.open_channels.add(stats)
+        return stats
 
     def _channel_ended(self, stats: RelayStats) -> None:
+        self.open_channels.discard(stats)
         err = stats.error
         plan = self._plan
         self._ctx.events.emit(
@@ -99,6 +104,7 @@ class ChannelRequests(asyncssh.SSHServer):
                 request=stats.detail.get("request"),
                 # which login's certificate the host saw (differs when reused)
                 upstream_login=self._lease.origin if self._lease else None,
+                session_id=stats.detail.get("session"),
             )
         )
 
@@ -118,13 +124,21 @@ class ChannelRequests(asyncssh.SSHServer):
             raise asyncssh.ChannelOpenError(
                 asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "no more sessions"
             )
+        stats = self._channel_stats("session")
+        session_id = stats.detail["session"] = f"{self.conn_id}-{self._channels}"
+        recorder = self._ctx.recorder
         relay = SessionRelay(
             self.upstream,
             self._ctx.settings.env_allow,
-            self._channel_stats("session"),
+            stats,
             self._channel_ended,
             reopen_upstream=self.private_upstream,
             on_refused=self._request_refused,
+            make_tap=(
+                (lambda: recorder.open(self._plan, session_id, self.source) if self._plan else None)
+                if recorder is not None
+                else None
+            ),
         )
         return transparent_channel(self.conn), relay
 

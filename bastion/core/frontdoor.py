@@ -26,12 +26,14 @@ import asyncssh
 from bastion.config import ServerSettings
 from bastion.core import refusal
 from bastion.core.channels import ChannelRequests
+from bastion.core.relay import SessionTap
 from bastion.core.sshd_compat import count_auth_failures, handle_no_more_sessions
 from bastion.core.upstream import UpstreamLease
 from bastion.errors import (
     BastionError,
     ConfigError,
     DirectoryUnavailable,
+    SessionEnded,
     TooManyAuthFailures,
     TooManyConnections,
     UpstreamAuthFailed,
@@ -80,6 +82,14 @@ class ServerContext:
     keys: KeyDirectory
     events: EventBus
     tunnel_timeout: float = 10.0
+    # opens a tap (e.g. a recording) for a session, or None not to tap it
+    recorder: Recorder | None = None
+
+
+class Recorder(Protocol):
+    """Decides whether a session is tapped (``bastion.recording`` answers)."""
+
+    def open(self, plan: UpstreamPlan, session_id: str, source: str) -> SessionTap | None: ...
 
 
 class BastionConnection(ChannelRequests):
@@ -108,6 +118,8 @@ class BastionConnection(ChannelRequests):
         self._no_more_sessions = False
         self._sessions = 0
         self._started = time.monotonic()
+        self.started_wall = time.time()
+        self.open_channels = set()
 
     # -- connection lifecycle ------------------------------------------------
 
@@ -203,6 +215,18 @@ class BastionConnection(ChannelRequests):
             TooManyAuthFailures("Too many authentication failures"), asyncssh.DISC_PROTOCOL_ERROR
         )
         return False
+
+    @property
+    def authenticated(self) -> bool:
+        return self._authenticated
+
+    @property
+    def plan(self) -> UpstreamPlan | None:
+        return self._plan
+
+    def end(self, why: str) -> None:
+        """End this connection on an operator's word; the person reads ``why``."""
+        self._disconnect(SessionEnded(why))
 
     def _set_no_more_sessions(self) -> None:
         self._no_more_sessions = True
@@ -412,8 +436,25 @@ class ConnectionRegistry:
             self.empty.set()
 
 
+@dataclass(frozen=True)
+class LiveConnection:
+    """One authenticated connection as ``bastion sessions`` lists it."""
+
+    conn: str
+    user: str
+    source: str
+    route: str | None
+    upstream: str | None
+    since: float  # epoch seconds
+    channels: int  # open now
+    bytes_up: int  # of the open channels
+    bytes_down: int
+    idle: float  # seconds since the last byte either way (0 without channels)
+
+
 class BastionServer:
-    """The listener: start, stop accepting, drain, close."""
+    """The listener: start, stop accepting, drain, close; list and end live
+    connections."""
 
     def __init__(self, ctx: ServerContext) -> None:
         self._ctx = ctx
@@ -424,6 +465,42 @@ class BastionServer:
     def port(self) -> int:
         assert self._acceptor is not None
         return int(self._acceptor.get_port())
+
+    def live(self) -> list[LiveConnection]:
+        """The authenticated connections, oldest first."""
+        now = time.monotonic()
+        out = []
+        for c in self.registry.live:
+            if not c.authenticated:
+                continue
+            chans = list(c.open_channels)
+            last = max((st.last_activity for st in chans), default=now)
+            plan = c.plan
+            out.append(
+                LiveConnection(
+                    conn=c.conn_id,
+                    user=c.user,
+                    source=c.source,
+                    route=plan.route.raw if plan else None,
+                    upstream=plan.destination.label if plan else None,
+                    since=c.started_wall,
+                    channels=len(chans),
+                    bytes_up=sum(st.bytes_up for st in chans),
+                    bytes_down=sum(st.bytes_down for st in chans),
+                    idle=round(now - last, 1),
+                )
+            )
+        return sorted(out, key=lambda x: x.since)
+
+    def end(self, *, conn: str | None = None, user: str | None = None, why: str) -> list[str]:
+        """End the live connections with id ``conn`` or of ``user``: each
+        person gets ``why`` in a disconnect message. Returns the ids ended."""
+        ended = []
+        for c in list(self.registry.live):
+            if c.authenticated and (c.conn_id == conn or (user is not None and c.user == user)):
+                c.end(why)
+                ended.append(c.conn_id)
+        return ended
 
     async def start(self) -> None:
         s = self._ctx.settings

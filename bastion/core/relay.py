@@ -24,7 +24,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import asyncssh
 from asyncssh import EXTENDED_DATA_STDERR
@@ -39,7 +39,7 @@ log = logging.getLogger("bastion.relay")
 _EARLY_DATA_LIMIT = 256 * 1024
 
 
-@dataclass
+@dataclass(eq=False)
 class RelayStats:
     """Counters one relay fills in; read by the server for the audit record."""
 
@@ -52,10 +52,37 @@ class RelayStats:
     exit_signal: str | None = None
     error: BastionError | None = None
     detail: dict[str, Any] = field(default_factory=dict)
+    # time.monotonic() of the last byte either way (bastion sessions' idle time)
+    last_activity: float = field(default_factory=time.monotonic)
 
     @property
     def duration(self) -> float:
         return (self.ended or time.monotonic()) - self.started
+
+
+class SessionTap(Protocol):
+    """Sees one session's traffic, e.g. to record it (bastion.recording).
+
+    Called on the event loop from the relay's callbacks: it must not block
+    and must not raise (a tap that fails stops tapping, the session goes on).
+    """
+
+    def started(
+        self, *, term: tuple[str, int, int] | None, command: bytes | None, subsystem: bytes | None
+    ) -> None:
+        """The upstream session is open; ``term`` is (type, columns, rows) for a PTY."""
+
+    def output(self, data: bytes) -> None:
+        """Bytes from the host to the person (stdout and stderr)."""
+
+    def input(self, data: bytes) -> None:
+        """Bytes from the person to the host."""
+
+    def resized(self, columns: int, rows: int) -> None:
+        """The person's terminal changed size."""
+
+    def ended(self) -> None:
+        """The session is over."""
 
 
 def filter_env(env: Mapping[bytes, bytes], allow: Sequence[str]) -> dict[bytes, bytes]:
@@ -87,8 +114,11 @@ class SessionRelay(asyncssh.SSHServerSession[bytes]):
         *,
         reopen_upstream: ReopenUpstream | None = None,
         on_refused: Callable[[str, str], None] | None = None,
+        make_tap: Callable[[], SessionTap | None] | None = None,
     ) -> None:
         self._open_upstream = open_upstream
+        self._make_tap = make_tap
+        self._tap: SessionTap | None = None
         self._on_refused = on_refused
         self._reopen_upstream = reopen_upstream
         self._env_allow = env_allow
@@ -148,6 +178,9 @@ class SessionRelay(asyncssh.SSHServerSession[bytes]):
             # the exit status got out.
             if not up.is_closing():
                 self.stats.bytes_up += len(data)
+                self.stats.last_activity = time.monotonic()
+                if self._tap is not None:
+                    self._tapped("input", data)
                 up.write(data)
             return
         self.stats.bytes_up += len(data)
@@ -181,6 +214,8 @@ class SessionRelay(asyncssh.SSHServerSession[bytes]):
             self._up.resume_reading()
 
     def terminal_size_changed(self, width: int, height: int, pixwidth: int, pixheight: int) -> None:
+        if self._tap is not None:
+            self._tapped("resized", width, height)
         if self._up is not None:
             self._up.change_terminal_size(width, height, pixwidth, pixheight)
         elif self._pty is not None:
@@ -264,7 +299,11 @@ class SessionRelay(asyncssh.SSHServerSession[bytes]):
             return
         self._up = up
         self._up_session = session
+        if self._make_tap is not None:
+            self._start_tap(command, kwargs.get("subsystem"))
         for data in self._early:
+            if self._tap is not None:
+                self._tapped("input", data)
             up.write(data)
         self._early.clear()
         if self._early_eof:
@@ -274,6 +313,29 @@ class SessionRelay(asyncssh.SSHServerSession[bytes]):
             chan.resume_reading()
         if session.lost is not None:  # a command that ended before we got here
             self._upstream_closed(session.lost[0])
+
+    def _start_tap(self, command: bytes | None, subsystem: bytes | None) -> None:
+        assert self._make_tap is not None
+        try:
+            self._tap = self._make_tap()
+            if self._tap is not None:
+                term = None
+                if self._pty is not None:
+                    term = (self._pty[0], self._pty[1][0], self._pty[1][1])
+                self._tap.started(term=term, command=command, subsystem=subsystem)
+        except Exception:  # a recording must never break the session it records
+            log.exception("session tap failed to start; the session goes on untapped")
+            self._tap = None
+
+    def _tapped(self, what: str, *args: Any) -> None:
+        tap = self._tap
+        if tap is None:
+            return
+        try:
+            getattr(tap, what)(*args)
+        except Exception:
+            log.exception("session tap failed; the session goes on untapped")
+            self._tap = None
 
     def _fail(self, exc: BastionError) -> None:
         self.stats.error = exc
@@ -288,6 +350,9 @@ class SessionRelay(asyncssh.SSHServerSession[bytes]):
         if self._closed or self._chan.is_closing():
             return
         self.stats.bytes_down += len(data)
+        self.stats.last_activity = time.monotonic()
+        if self._tap is not None:
+            self._tapped("output", data)
         if datatype == EXTENDED_DATA_STDERR:
             self._chan.write_stderr(data)
         else:
@@ -325,6 +390,8 @@ class SessionRelay(asyncssh.SSHServerSession[bytes]):
         if not self._ended:
             self._ended = True
             self.stats.ended = time.monotonic()
+            if self._tap is not None:
+                self._tapped("ended")
             self._on_end(self.stats)
 
 
