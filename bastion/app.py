@@ -11,20 +11,25 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import signal
+import time
 
 from bastion import fastpath
+from bastion.admin import AdminServer
 from bastion.audit import AuditLog
 from bastion.config import Settings, env_token, read_public_key_lines, read_secret_file
 from bastion.core.frontdoor import BastionServer, ServerContext
 from bastion.core.upstream import UpstreamConnector, UpstreamPool
 from bastion.credentials import CertificateSigner, VaultClient, build_signer
 from bastion.directory import ConsulDirectory
+from bastion.directory.watch import Watch
 from bastion.errors import BastionError, ConfigError
-from bastion.events import EventBus
+from bastion.events import EventBus, ServerStopped
 from bastion.identity import KeyDirectory
 from bastion.metrics import Metrics
 from bastion.policy import LoginPolicy
+from bastion.recording import Recorder
 from bastion.trust import HostKeyPolicy
 
 # the principal of the certificate minted at start to check signing works
@@ -69,11 +74,18 @@ class Application:
         self.directory: ConsulDirectory | None = None
         self.server: BastionServer | None = None
         self.pool: UpstreamPool | None = None
-        self.audit = AuditLog(settings.audit.file)
+        self.admin: AdminServer | None = None
         self.metrics = Metrics()
+        self.audit = AuditLog(
+            settings.audit.file,
+            syslog=settings.audit.syslog,
+            on_error=self.metrics.audit_errors.inc,
+        )
         self.events = EventBus()
         self.events.subscribe(self.audit.handle)
         self.events.subscribe(self.metrics.handle)
+        self.draining = False
+        self.recorder: Recorder | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -86,12 +98,21 @@ class Application:
             await self.vault.start()
         token = await consul_token(s, self.vault)
         self.directory = ConsulDirectory(s.consul, token, s.upstream.default_port)
-        self.metrics.directory_indexes(
+        directory = self.directory
+        self.metrics.directory_watches(
             [
-                (w.name, functools.partial(getattr, w, "index"))
-                for w in self.directory.watches.watches
-            ]
+                (
+                    w.name,
+                    functools.partial(getattr, w, "index"),
+                    functools.partial(_age, w),
+                    functools.partial(getattr, w, "errors_total"),
+                )
+                for w in directory.watches.watches
+            ],
+            lambda: (directory.stats.routes, directory.stats.malformed_routes),
         )
+        if self.vault is not None:
+            self.metrics.vault_token(lambda: self.vault.token_ttl_left if self.vault else 0.0)
         await self.directory.start()
         try:
             await self.directory.wait_loaded(s.consul.request_timeout)
@@ -124,6 +145,9 @@ class Application:
             else ()
         )
         keys = KeyDirectory(directory.authorized_keys, s.server.authorized_keys_dir, ca_lines)
+        if s.recording.enabled:  # session recordings (bastion/recording.py)
+            self.recorder = Recorder(s.recording, self.metrics.registry)
+            self.recorder.start()
         ctx = ServerContext(
             settings=s.server,
             policy=LoginPolicy(directory, host_keys),
@@ -131,24 +155,49 @@ class Application:
             keys=keys,
             events=self.events,
             tunnel_timeout=s.upstream.connect_timeout,
+            recorder=self.recorder,
         )
         self.server = BastionServer(ctx)
         registry = self.server.registry
         self.metrics.unauthenticated.set_function(lambda: registry.unauthenticated)
+        self.metrics.live_connections.set_function(
+            lambda: sum(1 for c in registry.live if c.authenticated)
+        )
         await self.server.start()
+        # bastion sessions / kill; after the listener, so that a bastion that
+        # cannot start never touches another one's admin socket
+        if s.admin.socket_path is not None:
+            self.admin = AdminServer(s.admin, self.server, self.events)
+            await self.admin.start()
+        server = self.server
+        self.metrics.health(lambda: (server.listening and directory.ready, self.draining))
         if s.metrics.listen:
-            self.metrics.serve(s.metrics.listen)
+            await self.metrics.start_server(s.metrics.listen)
 
     async def stop(self, drain_timeout: float = 10.0) -> None:
+        self.draining = True
         if self.pool is not None:
             self.pool.close()  # idle upstream connections now, the rest after the drain
         if self.server is not None:
-            await self.server.stop(drain_timeout)
+            counts = await self.server.stop(drain_timeout)
+            self.events.emit(ServerStopped(counts["drained"], counts["closed"]))
+        if self.recorder is not None:  # after the drain: every recorded session has ended
+            await asyncio.to_thread(self.recorder.close)
+        await self.metrics.stop_server()
+        if self.admin is not None:
+            await self.admin.stop()  # after the drain: sessions can be ended during it
         if self.directory is not None:
             await self.directory.aclose()
         if self.vault is not None:
             await self.vault.aclose()
         self.audit.close()
+
+
+def _age(watch: Watch) -> float:
+    """Seconds since ``watch`` last heard from Consul (inf before the first answer)."""
+    if watch.last_success is None:
+        return math.inf
+    return time.monotonic() - watch.last_success
 
 
 async def _check_signing(signer: CertificateSigner) -> None:

@@ -1,50 +1,81 @@
-"""Audit records: one JSON object per line on the ``bastion.audit`` logger.
+"""Audit records: one JSON object per line, written and flushed one by one.
 
-The audit log subscribes to the lifecycle events (:mod:`bastion.events`):
-one record per channel when it ends (``session``, ``tunnel``, ``forward``,
-``remote-forward``), one per refused channel or request (the same kinds,
-``x11-req``, ``auth-agent-req``, ``tun``; ``outcome`` ``refused``), and one
-``connection`` record when a connection ends. Fields: ``event``, ``conn``,
-``user``, ``source``, ``route``, ``upstream``, ``outcome``, ``reason``,
-``message``, ``bytes_up``, ``bytes_down``, ``duration_ms``, plus channel
-details (exit status or signal, request kind, ``upstream_login``) and
-connection details (``channels``, ``auth_failures``, ``closed_by``).
+The audit log subscribes to the lifecycle events (:mod:`bastion.events`);
+docs/audit.md has one table per record. Every record has ``ts`` (epoch
+seconds) and ``event``; ``conn`` ties the records of one connection together
+and is also in the upstream certificate's key id (``bastion:<user>:<conn>``),
+so the host's auth log ("Accepted certificate ID ...") names the same login;
+``session_id`` (``<conn>-<n>``) names one session channel and its recording.
 Credentials and tokens are never in an event, so they cannot leak.
+
+A record that cannot be written (disk full, file removed or unwritable) is
+counted (``bastion_audit_write_errors_total``) and logged at ERROR at most
+once a minute; it never blocks or breaks a login or a relay. With
+``[audit] syslog = true`` every record also goes to the local syslog socket
+(``/dev/log``, which journald reads) with the tag ``bastion-audit``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import logging.handlers
 import sys
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import IO, Any
 
-from bastion.events import ChannelEnded, ChannelRefused, ConnectionClosed, Event
+from bastion.events import (
+    AuthFailed,
+    ChannelEnded,
+    ChannelRefused,
+    ConnectionAccepted,
+    ConnectionClosed,
+    Event,
+    LoginAccepted,
+    OperatorAction,
+    ServerStopped,
+    SessionStarted,
+)
 
-audit_log = logging.getLogger("bastion.audit")
+log = logging.getLogger("bastion.audit")
+
+_ERROR_EVERY = 60.0  # seconds between ERROR lines about a failing audit file
 
 
 class AuditLog:
-    """Writes audit records; ``file`` "-" means stderr."""
+    """Writes audit records to ``file`` ("-": stderr) and optionally syslog."""
 
-    def __init__(self, file: str = "-") -> None:
-        audit_log.setLevel(logging.INFO)
-        audit_log.propagate = False
-        if not audit_log.handlers:
-            handler: logging.Handler
-            if file == "-":
-                handler = logging.StreamHandler(sys.stderr)
+    def __init__(
+        self,
+        file: str = "-",
+        *,
+        syslog: bool = False,
+        on_error: Callable[[], None] | None = None,
+    ) -> None:
+        self._path = file
+        self._on_error = on_error
+        self._last_error = 0.0
+        self._stream: IO[str] | None = None
+        self._syslog: logging.Handler | None = None
+        if syslog:
+            self._syslog = logging.handlers.SysLogHandler(address="/dev/log")
+            self._syslog.ident = "bastion-audit: "
+
+    def _open(self) -> IO[str]:
+        if self._stream is None:
+            if self._path == "-":
+                self._stream = sys.stderr
             else:
-                handler = logging.FileHandler(file, encoding="utf-8")
-            handler.setFormatter(logging.Formatter("%(message)s"))
-            audit_log.addHandler(handler)
+                self._stream = open(self._path, "a", encoding="utf-8")  # noqa: SIM115
+        return self._stream
 
     def handle(self, event: Event) -> None:
-        """The events subscriber: the records described in the module docstring."""
+        """The events subscriber: one record per event (docs/audit.md)."""
+        fields = dataclasses.asdict(event)
         if isinstance(event, ChannelEnded):
-            fields = dataclasses.asdict(event)
             self.record(fields.pop("kind"), **fields)
         elif isinstance(event, ChannelRefused):
             self.record(
@@ -58,17 +89,56 @@ class AuditLog:
                 message=event.message,
             )
         elif isinstance(event, ConnectionClosed):
-            fields = dataclasses.asdict(event)
             del fields["authenticated"]  # the outcome says it
             fields["auth_failures"] = event.auth_failures or None
             self.record("connection", **fields)
+        elif isinstance(event, ConnectionAccepted):
+            if event.admitted:  # a turned-away flood must not flood the audit log
+                self.record("connect", conn=event.conn, source=event.source)
+        elif isinstance(event, AuthFailed):
+            self.record("auth-failed", **fields)
+        elif isinstance(event, LoginAccepted):
+            for key in ("seconds", "auth_seconds", "route_seconds", "sign_seconds"):
+                value = fields.pop(key)
+                if value is not None:
+                    fields[key.replace("seconds", "ms")] = round(value * 1000, 1)
+            self.record("login", **fields)
+        elif isinstance(event, SessionStarted):
+            self.record("session-start", **fields)
+        elif isinstance(event, OperatorAction):
+            self.record(fields.pop("action"), **fields)
+        elif isinstance(event, ServerStopped):
+            self.record("stop", **fields)
 
     def record(self, event: str, **fields: Any) -> None:
         entry: dict[str, Any] = {"ts": round(time.time(), 3), "event": event}
         entry.update({k: v for k, v in fields.items() if v is not None})
-        audit_log.info(json.dumps(entry, sort_keys=False, default=str))
+        line = json.dumps(entry, sort_keys=False, default=str)
+        try:
+            stream = self._open()
+            stream.write(line + "\n")
+            stream.flush()
+        except (OSError, ValueError) as exc:
+            self._failed(exc)
+        if self._syslog is not None:
+            self._syslog.emit(logging.makeLogRecord({"msg": line, "levelno": logging.INFO}))
+
+    def _failed(self, exc: Exception) -> None:
+        if self._on_error is not None:
+            self._on_error()
+        # a file that failed may be reopened (deleted, or space freed)
+        if self._stream is not None and self._stream is not sys.stderr:
+            with contextlib.suppress(OSError):
+                self._stream.close()
+            self._stream = None
+        now = time.monotonic()
+        if now - self._last_error >= _ERROR_EVERY:
+            self._last_error = now
+            log.error("cannot write the audit log %s: %s (records are being lost)", self._path, exc)
 
     def close(self) -> None:
-        for handler in list(audit_log.handlers):
-            handler.close()
-            audit_log.removeHandler(handler)
+        if self._stream is not None and self._stream is not sys.stderr:
+            self._stream.close()
+        self._stream = None
+        if self._syslog is not None:
+            self._syslog.close()

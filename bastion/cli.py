@@ -3,6 +3,9 @@
 bastion serve --config FILE      run the bastion
 bastion route USER --config FILE where USER would go right now, and why
 bastion check ADDRESS            Consul script check: is an SSH banner served?
+bastion replay SESSION --config FILE  play a session recording ([recording] dir)
+bastion sessions [--json]        the live sessions (over the admin socket)
+bastion kill CONN | --user NAME  end live sessions, with a notice to the person
 bastion demo                     a local stack to try (see README)
 """
 
@@ -15,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from bastion.config import load_settings
+from bastion.config import DEFAULT_ADMIN_SOCKET, load_settings
 from bastion.errors import BastionError
 
 
@@ -45,15 +48,20 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _route(args: argparse.Namespace) -> int:
+    """Explain where USER would go; exit 0 when the login would be routed, 1 if not."""
     from bastion.app import consul_token
     from bastion.credentials import VaultClient
     from bastion.directory import ConsulDirectory
     from bastion.directory.explain import describe
+    from bastion.policy import LoginPolicy
+    from bastion.trust import HostKeyPolicy
 
     settings = load_settings(args.config)
 
-    async def explain() -> str:
-        vault = VaultClient(settings.vault) if settings.vault.enabled else None
+    async def explain() -> tuple[str, bool]:
+        # Vault only when the Consul token lives there: explaining needs no certificate
+        wanted = settings.vault.enabled and settings.consul.token_vault_path is not None
+        vault = VaultClient(settings.vault) if wanted else None
         if vault is not None:
             await vault.start()
         try:
@@ -62,15 +70,26 @@ def _route(args: argparse.Namespace) -> int:
             await directory.start()
             try:
                 await directory.wait_loaded(settings.consul.request_timeout)
-                return describe(directory, args.user)
+                text = describe(directory, args.user)
+                host_keys = HostKeyPolicy(
+                    settings.upstream.known_hosts,
+                    directory.host_keys if settings.upstream.host_keys_from_directory else None,
+                )
+                try:
+                    plan = LoginPolicy(directory, host_keys).decide(args.user, "explain")
+                except BastionError as exc:
+                    return f"{text}\nverdict: REFUSED: {exc.user_message}", False
+                dest = plan.destination
+                return f"{text}\nverdict: {dest.login}@{dest.label} (host key known)", True
             finally:
                 await directory.aclose()
         finally:
             if vault is not None:
                 await vault.aclose()
 
-    print(asyncio.run(explain()))
-    return 0
+    text, routed = asyncio.run(explain())
+    print(text)
+    return 0 if routed else 1
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -79,6 +98,73 @@ def _check(args: argparse.Namespace) -> int:
     code, line = check_ssh_banner(args.address, args.timeout)
     print(line)
     return code
+
+
+def _admin_socket(args: argparse.Namespace) -> Path:
+    """The admin socket: --socket, or the [admin] socket of --config, or the default."""
+    from bastion.errors import ConfigError
+
+    if args.socket is not None:
+        return Path(args.socket)
+    if args.config is not None:
+        path = load_settings(args.config).admin.socket_path
+        if path is None:
+            raise ConfigError(f'{args.config}: [admin] socket is "": the admin socket is off')
+        return path
+    return Path(DEFAULT_ADMIN_SOCKET)
+
+
+def _sessions(args: argparse.Namespace) -> int:
+    import json
+
+    from bastion.admin import format_sessions, request
+
+    sessions = request(_admin_socket(args), {"op": "sessions"})["sessions"]
+    if args.json:
+        print(json.dumps(sessions, indent=2))
+    elif sessions:
+        print(format_sessions(sessions))
+    else:
+        print("no live sessions")
+    return 0
+
+
+def _kill(args: argparse.Namespace) -> int:
+    from bastion.admin import AdminError, describe_ended, request
+
+    message: dict[str, str] = {"op": "kill"}
+    if args.user is not None:
+        message["user"] = args.user
+    else:
+        message["conn"] = args.conn
+    if args.why is not None:
+        message["why"] = args.why
+    ended = request(_admin_socket(args), message)["ended"]
+    if not ended:
+        target = f"of user {args.user}" if args.user is not None else args.conn
+        raise AdminError(f"no live session {target}")
+    for item in ended:
+        print(describe_ended(item))
+    return 0
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from bastion.errors import ConfigError
+    from bastion.recording import recording_path, replay
+
+    settings = load_settings(args.config)
+    if settings.recording.dir is None:
+        raise ConfigError(f"{args.config}: [recording] dir is not set: nothing is recorded")
+    if args.speed <= 0:
+        raise ConfigError("--speed: must be > 0")
+    path = recording_path(settings.recording.dir, args.session)
+    if not path.exists():
+        raise BastionError(f"no recording {path} (recordings are named by the audit's session_id)")
+    try:
+        replay(path, sys.stdout.buffer, speed=args.speed, raw=args.raw, idle_limit=args.idle_limit)
+    except BrokenPipeError:  # | head
+        sys.stderr.close()
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -116,9 +202,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=2.0)
     p.set_defaults(func=_check)
 
+    def admin_socket_options(p: argparse.ArgumentParser) -> None:
+        where = p.add_mutually_exclusive_group()
+        where.add_argument("--config", type=Path, help="the bastion's settings ([admin] socket)")
+        where.add_argument(
+            "--socket", type=Path, help=f"the admin socket (default: {DEFAULT_ADMIN_SOCKET})"
+        )
+
+    p = sub.add_parser("sessions", help="list the live sessions")
+    admin_socket_options(p)
+    p.add_argument("--json", action="store_true", help="a JSON array instead of a table")
+    p.set_defaults(func=_sessions)
+
+    p = sub.add_parser("kill", help="end live sessions; the person reads why")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("conn", nargs="?", help="a connection id (bastion sessions lists them)")
+    who.add_argument("--user", help="every live session of this user")
+    p.add_argument(
+        "--why", help="one line the person reads (default: their session was ended by an operator)"
+    )
+    admin_socket_options(p)
+    p.set_defaults(func=_kill)
+
+    p = sub.add_parser("replay", help="play a session recording (asciicast v2) to stdout")
+    p.add_argument("session", help="session id (the audit's session_id), e.g. 3f2a9c01b4e7-1")
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--speed", type=float, default=1.0, help="play this many times faster")
+    p.add_argument(
+        "--idle-limit", type=float, default=None, help="shorten pauses to at most this many seconds"
+    )
+    p.add_argument("--raw", action="store_true", help="all output at once, without the timing")
+    p.set_defaults(func=_replay)
+
     p = sub.add_parser("demo", help="run a local stack to try the bastion (needs root)")
-    p.add_argument("--workdir", type=Path, default=None)
-    p.add_argument("--port", type=int, default=2222)
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="keep the stack's files here (default: a new temporary directory, "
+        "removed on exit; a given directory is kept)",
+    )
+    p.add_argument(
+        "--port", type=int, default=2222, help="the bastion's port on 127.0.0.1 (default 2222)"
+    )
     p.set_defaults(func=_demo)
     return parser
 

@@ -8,6 +8,7 @@ must not silently fall back to a default.
 
 from __future__ import annotations
 
+import grp
 import os
 import stat
 import tomllib
@@ -118,11 +119,54 @@ class UpstreamSettings:
 class AuditSettings:
     # JSON lines; "-" is stderr
     file: str = "-"
+    # also send every record to the local syslog socket (/dev/log; journald)
+    syslog: bool = False
 
 
 @dataclass(frozen=True)
 class MetricsSettings:
     listen: str | None = None
+
+
+DEFAULT_ADMIN_SOCKET = "/run/bastion/admin.sock"
+
+
+@dataclass(frozen=True)
+class AdminSettings:
+    # the local admin socket `bastion sessions` and `bastion kill` use; "" = off
+    socket: str = DEFAULT_ADMIN_SOCKET
+    # a group whose members may use it, besides root and the bastion's own user
+    group: str | None = None
+
+    @property
+    def socket_path(self) -> Path | None:
+        return Path(self.socket) if self.socket else None
+
+
+# the smallest per-session cap: room for the header and the closing marker
+MIN_RECORDING_SESSION_BYTES = 8192
+
+
+@dataclass(frozen=True)
+class RecordingSettings:
+    """Session recordings (asciicast v2, bastion/recording.py); off without ``dir``."""
+
+    # <dir>/<session id>.cast, files 0600 in a 0700 directory
+    dir: Path | None = None
+    # record everyone whose directory entry does not say "record": false
+    default: bool = False
+    # also record what the person types ("i" events: typed passwords too)
+    input: bool = False
+    # also record exec sessions (``ssh host cmd``): the command and its output
+    exec: bool = False
+    # one session's file at most; then its recording stops, the session goes on
+    max_session_bytes: int = 100_000_000
+    # all recordings at most; the oldest finished ones are removed first
+    max_total_bytes: int = 10_000_000_000
+
+    @property
+    def enabled(self) -> bool:
+        return self.dir is not None
 
 
 @dataclass(frozen=True)
@@ -133,6 +177,8 @@ class Settings:
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    recording: RecordingSettings = field(default_factory=RecordingSettings)
+    admin: AdminSettings = field(default_factory=AdminSettings)
     # the asyncssh speed-ups to apply, from the environment variable
     # BASTION_TUNING (unset or "all", "none", or a comma-separated list)
     fastpath: tuple[str, ...] = FASTPATH_FEATURES
@@ -254,6 +300,8 @@ def parse_settings(
         "upstream": UpstreamSettings,
         "audit": AuditSettings,
         "metrics": MetricsSettings,
+        "recording": RecordingSettings,
+        "admin": AdminSettings,
     }
     unknown = sorted(set(raw) - set(sections))
     if unknown:
@@ -269,6 +317,7 @@ def parse_settings(
         raise ConfigError(f"environment BASTION_TUNING: {exc}") from None
     settings = Settings(**built, fastpath=fastpath, source=source)
     _validate(settings, label)
+    _validate_recording(settings.recording, label)
     return settings
 
 
@@ -331,6 +380,39 @@ def _validate(s: Settings, label: str) -> None:
         raise bad(
             "[upstream] known_hosts or host_keys_from_directory is required: "
             "upstream host keys are always verified"
+        )
+    if s.admin.socket:
+        if not s.admin.socket.startswith("/"):
+            raise bad('[admin] socket: must be an absolute path (or "" to turn it off)')
+        # sockaddr_un.sun_path holds 108 bytes, the last one a NUL
+        if len(os.fsencode(s.admin.socket)) > 107:
+            raise bad("[admin] socket: longer than 107 bytes, the limit of a Unix socket path")
+    if s.admin.group is not None:
+        try:
+            grp.getgrnam(s.admin.group)
+        except KeyError:
+            raise bad(f"[admin] group: no such group {s.admin.group!r}") from None
+
+
+def _validate_recording(r: RecordingSettings, label: str) -> None:
+    """The ``[recording]`` section (part of the validation at load)."""
+    if r.dir is None:
+        for key in ("default", "input", "exec"):
+            if getattr(r, key):
+                raise ConfigError(
+                    f"{label}: [recording] {key}: needs [recording] dir "
+                    "(recording is off without it)"
+                )
+        return
+    if r.max_session_bytes < MIN_RECORDING_SESSION_BYTES:
+        raise ConfigError(
+            f"{label}: [recording] max_session_bytes: must be at least "
+            f"{MIN_RECORDING_SESSION_BYTES}"
+        )
+    if r.max_total_bytes < r.max_session_bytes:
+        raise ConfigError(
+            f"{label}: [recording] max_total_bytes: must be at least max_session_bytes "
+            f"({r.max_session_bytes})"
         )
 
 

@@ -18,7 +18,8 @@ person logging in: no secrets, no internal addresses beyond the routed host)::
     │   └── SecretUnavailable       Vault sealed / unreachable / token revoked
     ├── UpstreamError
     │   ├── HostUnreachable         TCP connect failed, timed out, or the name does not resolve
-    │   ├── HostKeyMismatch         the host's key is unknown or differs
+    │   ├── HostKeyMismatch         the host's key differs from the known one
+    │   │   └── HostKeyUnknown      no key is known for the host
     │   ├── UpstreamAuthFailed      the host refused the bastion's credential
     │   ├── UpstreamRefused         the host refused a channel or a forward
     │   └── UpstreamLost            the host's connection ended mid-session
@@ -111,6 +112,12 @@ class HostUnreachable(UpstreamError):
 
 class HostKeyMismatch(UpstreamError):
     reason = "host-key-mismatch"
+
+
+class HostKeyUnknown(HostKeyMismatch):
+    """No key is known for the host at all (no trust on first use)."""
+
+    reason = "host-key-unknown"
 
 
 class UpstreamAuthFailed(UpstreamError):

@@ -27,16 +27,54 @@ class ConnectionAccepted:
 
 
 @dataclass(frozen=True)
-class LoginAccepted:
-    """A login got its upstream connection (``reused``: an open one of the person's)."""
+class AuthFailed:
+    """One failed authentication attempt (``key`` is the offered key's SHA256
+    fingerprint for publickey; never a secret)."""
 
     conn: str
     user: str
     source: str
+    method: str
+    key: str | None
+
+
+@dataclass(frozen=True)
+class LoginAccepted:
+    """A login got its upstream connection (``reused``: an open one of the person's).
+
+    ``upstream_login`` is the key id of the certificate the host saw (another
+    login's when reused), ``serial`` that certificate's serial; times in seconds.
+    """
+
+    conn: str
+    user: str
+    source: str
+    route: str
     upstream: str
+    address: str
+    login: str
+    key_id: str
+    serial: int | None
     reused: bool
     upstream_login: str
     seconds: float
+    auth_seconds: float | None = None
+    route_seconds: float = 0.0
+    sign_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class SessionStarted:
+    """A session's upstream channel is open: what it runs (the command as sent)."""
+
+    conn: str
+    session_id: str
+    user: str
+    source: str
+    request: str
+    command: str | None
+    subsystem: str | None
+    term: str | None
 
 
 @dataclass(frozen=True)
@@ -114,14 +152,39 @@ class ConnectionClosed:
     duration_ms: int
 
 
+@dataclass(frozen=True)
+class OperatorAction:
+    """An operator acted on live connections over the admin socket: ``action``
+    (``kill``) on ``target`` (a connection id or ``user:alice``) by ``who``
+    (``root (uid 0)``), ending the connections ``ended``; the people read ``why``."""
+
+    action: str
+    target: str
+    ended: tuple[str, ...]
+    who: str
+    why: str | None = None
+
+
+@dataclass(frozen=True)
+class ServerStopped:
+    """The bastion stopped: connections that finished within the drain and those closed."""
+
+    drained: int
+    closed: int
+
+
 Event = (
     ConnectionAccepted
+    | AuthFailed
     | LoginAccepted
+    | SessionStarted
+    | ServerStopped
     | LoginRefused
     | ChannelOpened
     | ChannelRefused
     | ChannelEnded
     | ConnectionClosed
+    | OperatorAction
 )
 
 

@@ -47,6 +47,8 @@ class Route:
     targets: tuple[Target, ...]
     policy: ForwardingPolicy
     raw: str
+    # "record" in the JSON form: True/False, or None to follow [recording] default
+    record: bool | None = None
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from bastion.directory.store import norm_host
 from bastion.errors import (
     BastionError,
     ForwardDenied,
-    HostKeyMismatch,
+    HostKeyUnknown,
     HostUnhealthy,
     RoutingError,
 )
@@ -73,14 +73,14 @@ class LoginPolicy:
         """The plan for ``user``'s login, whose certificate will carry ``key_id``.
 
         Raises a RoutingError (NoRoute, MalformedRoute, UnknownHost,
-        HostUnhealthy, DirectoryUnavailable) or HostKeyMismatch when no host
+        HostUnhealthy, DirectoryUnavailable) or HostKeyUnknown when no host
         key is known for the destination (no trust on first use).
         """
         route = self._directory.route_for(user)
         dest = first_usable(self._directory, route)
         trust = self._host_keys.trusted_for(dest)
         if trust.empty:
-            raise HostKeyMismatch(
+            raise HostKeyUnknown(
                 f"no known host key for {dest.label}; refusing to connect",
                 detail=f"add the host key of {dest.label} to known_hosts or the directory",
             )
@@ -106,22 +106,31 @@ class LoginPolicy:
         """
         route = self._directory.route_for(user)
         wanted = norm_host(host)
+        other_ports: list[int] = []  # the host is a jump host, on these ports
         for target in (*route.targets, *route.policy.jump):
-            if (target.port or self._directory.default_port) != port:
-                continue
             names = {norm_host(target.host)}
             if target.is_node:
                 node = self._directory.node(target.host)
                 if node is not None:
                     names.add(norm_host(node.address))
-            if wanted in names:
-                result = self._directory.resolve_target(route, target)
-                if isinstance(result, Destination):
-                    return TunnelPlan(result.label, result)
-                raise result
+            if wanted not in names:
+                continue
+            if (target.port or self._directory.default_port) != port:
+                other_ports.append(target.port or self._directory.default_port)
+                continue
+            result = self._directory.resolve_target(route, target)
+            if isinstance(result, Destination):
+                return TunnelPlan(result.label, result)
+            raise result
         shown = hostport(plain(host, 100), port)
         if route.policy.local_forwarding:
             return TunnelPlan(hostport(host, port), None)
+        if other_ports:
+            ports = ", ".join(str(p) for p in sorted(set(other_ports)))
+            raise ForwardDenied(
+                f"{route.user} may not connect to {shown}: {plain(host, 100)} is a jump "
+                f"host on port {ports} only"
+            )
         raise ForwardDenied(
             f"{route.user} may not connect to {shown}: not a jump host in the directory, "
             "and local forwarding (-L, -D) is off"

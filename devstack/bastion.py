@@ -72,6 +72,9 @@ class BastionProcess:
         server = {"listen": f"127.0.0.1:{self.port}", "host_keys": [str(host_key)]}
         server.update(self.sections.get("server", {}))
         sections = {**self.sections, "server": server, "audit": {"file": str(self.audit_file)}}
+        # the admin socket only where a test asks for one ([admin] socket): the
+        # default path is shared by every bastion on the machine
+        sections.setdefault("admin", {"socket": ""})
         if "metrics" not in sections:
             # /metrics tells tests which directory index the bastion has seen
             self.metrics_port = free_port()

@@ -113,8 +113,16 @@ Move alice to host-101, as an operator would, and log in again:
     {env} \\
         {devstack.consul_bin()} kv put users/alice {where("host-101")}
 
+Explain where alice goes, and why:
+
+    {devstack.bastion_bin()} route alice --config {bastion.config}
+
+The hosts listen on their own ports here ({where("host-101")}, {where("host-102")}):
+routes name them; in a fleet a bare node name means port 22.
+
 Audit records: {bastion.audit_file}
 Bastion log:   {bastion.log}
+Metrics:       http://127.0.0.1:{bastion.metrics_port}/metrics (and /health)
 Press Ctrl-C to stop everything.""",
             flush=True,
         )

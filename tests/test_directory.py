@@ -340,20 +340,19 @@ def test_jump_destination(stack: Stack) -> None:
             assert jump("10.0.0.9", 2222) == Destination(
                 "10.0.0.9", 2222, "jumper", None, "10.0.0.9:2222"
             )
-            for host, port in [
-                ("host-102", 2222),
-                ("host-101", 22),
-                ("127.0.1.101", 22),
-                ("10.0.0.9", 22),
-                ("db.example.com", 22),
-                ("host-905", 22),
-                ("127.0.9.3", 2222),
+            for host, port, why in [
+                ("host-102", 2222, "host-102 is a jump host on port 22 only"),
+                ("host-101", 22, "host-101 is a jump host on port 2200 only"),
+                ("127.0.1.101", 22, "127.0.1.101 is a jump host on port 2200 only"),
+                ("10.0.0.9", 22, "10.0.0.9 is a jump host on port 2222 only"),
+                ("db.example.com", 22, None),
+                ("host-905", 22, None),
+                ("127.0.9.3", 2222, "127.0.9.3 is a jump host on port 22 only"),
             ]:
                 with pytest.raises(ForwardDenied) as denied:
                     jump(host, port)
-                assert denied.value.user_message == (
-                    f"jumper may not connect to {host}:{port}: not a jump host in the "
-                    "directory, and local forwarding (-L, -D) is off"
+                assert denied.value.user_message == f"jumper may not connect to {host}:{port}: " + (
+                    why or "not a jump host in the directory, and local forwarding (-L, -D) is off"
                 )
             with pytest.raises(HostUnhealthy):
                 jump("host-903", 22)

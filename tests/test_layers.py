@@ -21,8 +21,8 @@ LAYERS: list[set[str]] = [
     {"identity", "trust", "directory", "credentials"},
     {"policy"},
     {"core"},
-    {"audit", "metrics"},  # observers: subscribe to events
-    {"app", "check", "cli"},
+    {"audit", "metrics", "recording"},  # observers: subscribe to events, tap sessions
+    {"admin", "app", "check", "cli"},
 ]
 # the one allowed exception: `bastion demo` starts the dev stack (lazily)
 OUTSIDE_ALLOWED = {("cli", "devstack")}

@@ -247,24 +247,31 @@ def test_local_ca_mode(local_ca_bastion: BastionProcess, people: dict[str, Perso
 
 
 def test_route_command_explains(bastion: BastionProcess, hosts: dict[str, SshdHost]) -> None:
-    result = subprocess.run(
-        [
-            devstack.bastion_bin(),
-            "--log-level",
-            "ERROR",
-            "route",
-            "alice",
-            "--config",
-            str(bastion.config),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    def explain(user: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                devstack.bastion_bin(),
+                "--log-level",
+                "ERROR",
+                "route",
+                user,
+                "--config",
+                str(bastion.config),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    result = explain("alice")
     assert result.returncode == 0, result.stderr
     assert "host-102" in result.stdout
     assert hosts["host-102"].address in result.stdout
+    assert "verdict: alice@host-102 (" in result.stdout
+    refused = explain("nobody")
+    assert refused.returncode == 1
+    assert "verdict: REFUSED: no route for nobody" in refused.stdout
 
 
 def test_audit_record_of_a_refusal(

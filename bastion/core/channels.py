@@ -31,7 +31,7 @@ from bastion.errors import (
     RequestDenied,
     UpstreamRefused,
 )
-from bastion.events import ChannelEnded, ChannelOpened, ChannelRefused
+from bastion.events import ChannelEnded, ChannelOpened, ChannelRefused, SessionStarted
 from bastion.model import ForwardingPolicy, UpstreamPlan
 
 if TYPE_CHECKING:
@@ -39,6 +39,15 @@ if TYPE_CHECKING:
     from bastion.core.upstream import UpstreamLease
 
 log = logging.getLogger("bastion.frontdoor")
+
+
+def _shown(raw: bytes | None, limit: int = 4096) -> str | None:
+    """A command or subsystem name for the audit: UTF-8, other bytes as
+    backslash escapes, at most ``limit`` characters."""
+    if raw is None:
+        return None
+    text = raw.decode("utf-8", "backslashreplace")
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def hostport(host: str, port: int) -> str:
@@ -134,6 +143,18 @@ class ChannelRequests(asyncssh.SSHServer):
             self._channel_ended,
             reopen_upstream=self.private_upstream,
             on_refused=self._request_refused,
+            on_started=lambda command, subsystem, term: self._ctx.events.emit(
+                SessionStarted(
+                    conn=self.conn_id,
+                    session_id=session_id,
+                    user=self.user,
+                    source=self.source,
+                    request=str(stats.detail.get("request", "")),
+                    command=_shown(command),
+                    subsystem=_shown(subsystem),
+                    term=term,
+                )
+            ),
             make_tap=(
                 (lambda: recorder.open(self._plan, session_id, self.source) if self._plan else None)
                 if recorder is not None

@@ -33,12 +33,14 @@ from bastion.errors import (
     BastionError,
     ConfigError,
     DirectoryUnavailable,
+    RoutingError,
     SessionEnded,
     TooManyAuthFailures,
     TooManyConnections,
     UpstreamAuthFailed,
 )
 from bastion.events import (
+    AuthFailed,
     ConnectionAccepted,
     ConnectionClosed,
     EventBus,
@@ -115,6 +117,9 @@ class BastionConnection(ChannelRequests):
         self._channels = 0
         self._refusal: BastionError | None = None
         self._auth_failures = 0
+        # the method (and offered key's fingerprint) of the attempt under way
+        self._attempt: tuple[str, str | None] = ("publickey", None)
+        self._auth_seconds: float | None = None
         self._no_more_sessions = False
         self._sessions = 0
         self._started = time.monotonic()
@@ -201,6 +206,9 @@ class BastionConnection(ChannelRequests):
         if not counted:
             return True
         self._auth_failures += 1
+        method, key = self._attempt
+        self._attempt = ("publickey", None)
+        self._ctx.events.emit(AuthFailed(self.conn_id, self.user, self.source, method, key))
         limit = self._ctx.settings.max_auth_attempts
         if self._auth_failures < limit:
             return True
@@ -267,7 +275,14 @@ class BastionConnection(ChannelRequests):
     def kbdint_auth_supported(self) -> bool:
         return "keyboard-interactive" in self._ctx.settings.auth_methods
 
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        """Called for a key that none of the person's authorized keys match:
+        noted (its fingerprint, for the audit) and refused."""
+        self._attempt = ("publickey", key.get_fingerprint())
+        return False
+
     async def validate_password(self, username: str, password: str) -> bool:
+        self._attempt = ("password", None)
         return await self._passthrough(username, password)
 
     def get_kbdint_challenge(
@@ -276,6 +291,7 @@ class BastionConnection(ChannelRequests):
         return "", "", "", [("Password: ", False)]
 
     async def validate_kbdint_response(self, username: str, responses: Sequence[str]) -> bool:
+        self._attempt = ("keyboard-interactive", None)
         if len(responses) != 1:
             return False
         return await self._passthrough(username, responses[0])
@@ -299,6 +315,7 @@ class BastionConnection(ChannelRequests):
 
     def auth_completed(self) -> None:
         self._authenticated = True
+        self._auth_seconds = time.monotonic() - self._started
         self._leave_unauth()
 
     # -- the upstream connection (one per person's connection) ---------------
@@ -316,6 +333,7 @@ class BastionConnection(ChannelRequests):
                     self.user, f"bastion:{self.user}:{self.conn_id}"
                 )
             plan = self._plan
+            route_seconds = time.monotonic() - started
             agent_path = None
             if plan.policy.agent_forwarding and self.conn is not None:
                 agent_path = self.conn.get_agent_path()
@@ -330,7 +348,10 @@ class BastionConnection(ChannelRequests):
             self._ctx.events.emit(
                 LoginRefused(self.conn_id, self.user, self.source, exc.reason, exc.user_message)
             )
-            log.warning(
+            # a directory entry's own problem was logged (WARNING) once per change
+            # of the entry; each login it refuses is INFO, anything else WARNING
+            log.log(
+                logging.INFO if isinstance(exc, RoutingError) else logging.WARNING,
                 "login of %s from %s refused: %s: %s",
                 self.user,
                 self.source,
@@ -339,15 +360,24 @@ class BastionConnection(ChannelRequests):
             )
             raise
         self._lease = lease
+        details = lease.details
         self._ctx.events.emit(
             LoginAccepted(
                 conn=self.conn_id,
                 user=self.user,
                 source=self.source,
+                route=plan.route.raw,
                 upstream=plan.destination.label,
+                address=details.address,
+                login=plan.destination.login,
+                key_id=plan.key_id,
+                serial=details.serial,
                 reused=lease.reused,
                 upstream_login=lease.origin,
                 seconds=time.monotonic() - started,
+                auth_seconds=self._auth_seconds,
+                route_seconds=route_seconds,
+                sign_seconds=None if lease.reused else details.sign_seconds,
             )
         )
         if lease.reused:
@@ -460,11 +490,16 @@ class BastionServer:
         self._ctx = ctx
         self.registry = ConnectionRegistry(ctx.settings.max_unauthenticated)
         self._acceptor: asyncssh.SSHAcceptor | None = None
+        self._stopping = False
 
     @property
     def port(self) -> int:
         assert self._acceptor is not None
         return int(self._acceptor.get_port())
+
+    @property
+    def listening(self) -> bool:
+        return self._acceptor is not None and not self._stopping
 
     def live(self) -> list[LiveConnection]:
         """The authenticated connections, oldest first."""
@@ -547,6 +582,7 @@ class BastionServer:
             return {"drained": 0, "closed": 0}
         # newer Pythons' wait_closed() also waits for live connections: only
         # close the listener here and wait for it after the drain
+        self._stopping = True
         self._acceptor.close()
         before = len(self.registry.live)
         with contextlib.suppress(TimeoutError):

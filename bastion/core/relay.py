@@ -115,8 +115,10 @@ class SessionRelay(asyncssh.SSHServerSession[bytes]):
         reopen_upstream: ReopenUpstream | None = None,
         on_refused: Callable[[str, str], None] | None = None,
         make_tap: Callable[[], SessionTap | None] | None = None,
+        on_started: Callable[[bytes | None, bytes | None, str | None], None] | None = None,
     ) -> None:
         self._open_upstream = open_upstream
+        self._on_started = on_started
         self._make_tap = make_tap
         self._tap: SessionTap | None = None
         self._on_refused = on_refused
@@ -299,6 +301,10 @@ class SessionRelay(asyncssh.SSHServerSession[bytes]):
             return
         self._up = up
         self._up_session = session
+        if self._on_started is not None:
+            self._on_started(
+                command, kwargs.get("subsystem"), self._pty[0] if self._pty is not None else None
+            )
         if self._make_tap is not None:
             self._start_tap(command, kwargs.get("subsystem"))
         for data in self._early:

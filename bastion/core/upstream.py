@@ -72,15 +72,18 @@ class UpstreamConnector:
 
     async def connect(
         self, plan: UpstreamPlan, *, password: str | None = None, agent_path: str | None = None
-    ) -> asyncssh.SSHClientConnection:
+    ) -> tuple[asyncssh.SSHClientConnection, LoginDetails]:
         """Log in to the plan's destination as its login, accepting only the
         plan's host keys.
 
         With ``password`` the person's own password is relayed (passthrough
         mode); otherwise a fresh certificate is minted for this login.
+        Returns the connection and how the login went (for the audit).
         Raises an :class:`UpstreamError` or :class:`CredentialError`.
         """
         dest = plan.destination
+        sign_seconds: float | None = None
+        serial: int | None = None
         trusted = plan.trust
         addr = await resolve(dest.host, dest.port, dest.label)
         known = (list(trusted.host_keys), list(trusted.ca_keys), list(trusted.revoked))
@@ -97,7 +100,10 @@ class UpstreamConnector:
                     "no upstream credential is configured",
                     detail="neither [vault] nor [upstream] ca_key is set",
                 )
+            signing = time.monotonic()
             cred = await self._signer.issue(dest.login, plan.key_id)
+            sign_seconds = time.monotonic() - signing
+            serial = cred.serial
             kwargs.update(
                 client_keys=[(cred.private_key, cred.certificate)], preferred_auth=["publickey"]
             )
@@ -130,7 +136,17 @@ class UpstreamConnector:
         except OSError as exc:
             reason = os.strerror(exc.errno) if exc.errno else str(exc) or type(exc).__name__
             raise HostUnreachable(f"cannot reach {dest.label}: {reason}") from None
-        return conn
+        return conn, LoginDetails(addr, sign_seconds, serial)
+
+
+@dataclass(frozen=True)
+class LoginDetails:
+    """How the bastion logged in upstream: the address reached, the time spent
+    minting the certificate and its serial (None for password logins)."""
+
+    address: str
+    sign_seconds: float | None
+    serial: int | None
 
 
 async def resolve(host: str, port: int, label: str) -> str:
@@ -164,6 +180,7 @@ class _Shared:
     conn: asyncssh.SSHClientConnection
     opened: float  # time.monotonic() of its login to the host
     origin: str  # key id of the certificate it logged in with
+    details: LoginDetails
     leases: int = 0
     idle_timer: asyncio.TimerHandle | None = None
     retired: bool = False
@@ -183,9 +200,12 @@ class UpstreamLease:
         *,
         reused: bool,
         origin: str,
+        details: LoginDetails,
         shared: _Shared | None = None,
     ) -> None:
         self.conn = conn
+        #: how the connection logged in (its certificate's serial, ...)
+        self.details = details
         #: True when this login found the connection already open
         self.reused = reused
         #: key id of the certificate the connection logged in with
@@ -276,16 +296,25 @@ class UpstreamPool:
                     found.idle_timer.cancel()
                     found.idle_timer = None
                 return UpstreamLease(
-                    self, found.conn, reused=True, origin=found.origin, shared=found
+                    self,
+                    found.conn,
+                    reused=True,
+                    origin=found.origin,
+                    details=found.details,
+                    shared=found,
                 )
-        conn = await self._connector.connect(plan, password=password, agent_path=agent_path)
+        conn, details = await self._connector.connect(
+            plan, password=password, agent_path=agent_path
+        )
         if not shareable or self._closed:
-            return UpstreamLease(None, conn, reused=False, origin=plan.key_id)
-        shared = _Shared(key, conn, time.monotonic(), plan.key_id, leases=1)
+            return UpstreamLease(None, conn, reused=False, origin=plan.key_id, details=details)
+        shared = _Shared(key, conn, time.monotonic(), plan.key_id, details, leases=1)
         self._shared.setdefault(key, []).append(shared)
         task = asyncio.ensure_future(conn.wait_closed())
         task.add_done_callback(lambda _t: self._forget(shared))
-        return UpstreamLease(self, conn, reused=False, origin=plan.key_id, shared=shared)
+        return UpstreamLease(
+            self, conn, reused=False, origin=plan.key_id, details=details, shared=shared
+        )
 
     @property
     def shared_open(self) -> int:

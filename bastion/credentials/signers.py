@@ -45,6 +45,7 @@ class UpstreamCredential:
     principal: str
     key_id: str
     valid_before: int
+    serial: int = 0  # sshd logs it: "Accepted certificate ID ... serial N"
 
 
 class CertificateSigner(Protocol):
@@ -93,11 +94,12 @@ class LocalCASigner:
         key = new_ephemeral_key()
         now = int(time.time())
         valid_before = now + self.ttl
+        serial = secrets.randbits(63)
         cert = self._ca.generate_user_certificate(
             key,
             key_id,
             # a random serial ties sshd's "Accepted certificate ID ... serial N" to one login
-            serial=secrets.randbits(63),
+            serial=serial,
             principals=[principal],
             valid_after=now - BACKDATE_SECONDS,
             valid_before=valid_before,
@@ -113,6 +115,7 @@ class LocalCASigner:
             principal=principal,
             key_id=key_id,
             valid_before=valid_before,
+            serial=serial,
         )
 
     async def aclose(self) -> None:
@@ -173,6 +176,7 @@ class VaultCertificateSigner:
             principal=principal,
             key_id=fields.key_id,
             valid_before=fields.valid_before,
+            serial=fields.serial,
         )
 
     async def aclose(self) -> None:

@@ -56,6 +56,7 @@ def new_ephemeral_key() -> asyncssh.SSHKey:
 @dataclass(frozen=True)
 class CertFields:
     public_key: bytes
+    serial: int
     cert_type: int
     key_id: str
     principals: tuple[str, ...]
@@ -94,7 +95,7 @@ def parse_ed25519_cert(blob: bytes) -> CertFields:
         raise ValueError("not an ed25519 certificate")
     string()  # nonce
     public_key = string()
-    uint64()  # serial
+    serial = uint64()
     cert_type = uint32()
     key_id = string().decode()
     packed = string()
@@ -111,7 +112,9 @@ def parse_ed25519_cert(blob: bytes) -> CertFields:
         inner = end
     valid_after = uint64()
     valid_before = uint64()
-    return CertFields(public_key, cert_type, key_id, tuple(principals), valid_after, valid_before)
+    return CertFields(
+        public_key, serial, cert_type, key_id, tuple(principals), valid_after, valid_before
+    )
 
 
 def parse_ed25519_key(public_data: bytes) -> bytes:

@@ -43,6 +43,11 @@ class VaultClient:
         self._closed = False
 
     @property
+    def token_ttl_left(self) -> float:
+        """Seconds the bastion's Vault token has left (inf: never expires)."""
+        return self._auth.ttl_left
+
+    @property
     def auth_method(self) -> str:
         return self._auth.method
 

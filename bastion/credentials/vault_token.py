@@ -64,6 +64,7 @@ class VaultToken:
         self.token: Secret | None = None
         self.generation = 0
         self._login_lease = 0  # seconds, as granted at login
+        self._expires_at = 0.0  # time.monotonic() when the token's lease ends
         self._renewable = False
         self._renew_at = math.inf  # time.monotonic() deadline
         self._token_changed = asyncio.Event()
@@ -212,7 +213,15 @@ class VaultToken:
         self._renewable = renewable
         self._schedule(lease)
 
+    @property
+    def ttl_left(self) -> float:
+        """Seconds the current token has left (inf for one that never expires)."""
+        if self._login_lease <= 0:
+            return math.inf
+        return max(0.0, self._expires_at - time.monotonic())
+
     def _schedule(self, lease: int) -> None:
+        self._expires_at = time.monotonic() + lease
         # lease 0 means a token that never expires (e.g. a root token)
         self._renew_at = (time.monotonic() + lease * _RENEW_FRACTION) if lease > 0 else math.inf
         self._token_changed.set()

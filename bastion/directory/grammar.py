@@ -31,12 +31,13 @@ value is one of:
 
     {"route": "host-102, host-101", "agent_forwarding": true,
      "local_forwarding": false, "remote_forwarding": false,
-     "jump": ["host-103", "10.0.0.9:22"]}
+     "jump": ["host-103", "10.0.0.9:22"], "record": true}
 
   ``route`` is required (same grammar as the plain form); the flags default
-  to false and ``jump`` (extra ``host[:port]`` targets the user may reach with
-  ``ssh -J``; no ``login@``) to empty. Unknown keys, duplicate keys and wrong
-  types are errors.
+  to false, ``record`` (session recordings, ``[recording]``) to the
+  settings' default, and ``jump`` (extra ``host[:port]`` targets the user
+  may reach with ``ssh -J``; no ``login@``) to empty. Unknown keys,
+  duplicate keys and wrong types are errors.
 
 Everything else is malformed and refused (fail closed), with a message that
 names the problem: an empty value, more than 1024 bytes, invalid UTF-8,
@@ -70,7 +71,7 @@ MAX_VALUE_BYTES = 1024
 MAX_TARGETS = 8
 MAX_HOST_LEN = 253
 JSON_KEYS = frozenset(
-    {"route", "agent_forwarding", "local_forwarding", "remote_forwarding", "jump"}
+    {"route", "agent_forwarding", "local_forwarding", "remote_forwarding", "jump", "record"}
 )
 
 _HOST_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*\Z")
@@ -171,7 +172,7 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return seen
 
 
-def _parse_json(text: str) -> tuple[tuple[Target, ...], ForwardingPolicy]:
+def _parse_json(text: str) -> tuple[tuple[Target, ...], ForwardingPolicy, bool | None]:
     try:
         obj = json.loads(text, object_pairs_hook=_no_duplicates)
     except json.JSONDecodeError as exc:
@@ -211,7 +212,10 @@ def _parse_json(text: str) -> tuple[tuple[Target, ...], ForwardingPolicy]:
         if target.login is not None:
             raise _Bad(f"jump entry {show(entry)} must not name a login")
         jump.append(target)
-    return targets, ForwardingPolicy(jump=tuple(jump), **flags)
+    record = obj.get("record")
+    if "record" in obj and not isinstance(record, bool):
+        raise _Bad("'record' must be true or false")
+    return targets, ForwardingPolicy(jump=tuple(jump), **flags), record
 
 
 def parse_route(
@@ -238,8 +242,9 @@ def parse_route(
         text = text.strip(" \t\r\n")
         if not text:
             raise _Bad("value is empty")
+        record: bool | None = None
         if text.startswith("{"):
-            targets, policy = _parse_json(text)
+            targets, policy, record = _parse_json(text)
         else:
             targets, policy = _parse_targets(text, "value"), ForwardingPolicy()
         if not valid_user_name(user):
@@ -250,7 +255,7 @@ def parse_route(
             f"(ask an operator to fix {plain(key, 120)})",
             detail=f"{plain(key, 120)}: {exc}",
         ) from None
-    return Route(user=user, login=user, targets=targets, policy=policy, raw=text)
+    return Route(user=user, login=user, targets=targets, policy=policy, raw=text, record=record)
 
 
 # --------------------------------------------------------------------------

@@ -26,7 +26,13 @@ from typing import Any
 from bastion.config import ConsulSettings, consul_base_url
 from bastion.directory.grammar import RouteTable, hostport, show
 from bastion.directory.watch import ConsulError, ConsulWatches, Watch
-from bastion.errors import ConfigError, HostUnhealthy, RoutingError, UnknownHost
+from bastion.errors import (
+    ConfigError,
+    DirectoryUnavailable,
+    HostUnhealthy,
+    RoutingError,
+    UnknownHost,
+)
 from bastion.model import Destination, Node, Route, Target
 
 log = logging.getLogger("bastion.directory")
@@ -148,6 +154,15 @@ class ConsulDirectory:
 
     def __repr__(self) -> str:
         return f"<ConsulDirectory {self._base} token=<redacted>>"
+
+    @property
+    def ready(self) -> bool:
+        """Whether logins can be routed now (loaded, and fresh enough)."""
+        try:
+            self.watches.check_fresh()
+        except DirectoryUnavailable:
+            return False
+        return True
 
     @property
     def base_url(self) -> str:
