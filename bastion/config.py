@@ -33,6 +33,11 @@ class ServerSettings:
     # pre-auth connections held at once; more are dropped at accept
     max_unauthenticated: int = 256
     max_auth_attempts: int = 6
+    # open session channels per connection, as sshd's MaxSessions (default 10)
+    max_sessions: int = 10
+    # open channels of any kind per connection (sessions and tunnels); each
+    # can hold up to one SSH window (2 MiB) of data in flight
+    max_channels: int = 100
     auth_methods: tuple[str, ...] = ("publickey",)
     # local authorized keys: <dir>/<user> in OpenSSH authorized_keys format
     authorized_keys_dir: Path | None = None

@@ -37,6 +37,19 @@ prohibited" for 1 and "connect failed" for 2.
 
 from __future__ import annotations
 
+
+def printable(text: str, limit: int = 200) -> str:
+    """``text`` safe for a message or a log line: non-printable and non-ASCII
+    characters escaped (a client's newline cannot forge a log line), at most
+    ``limit`` characters (then "...")."""
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return "".join(
+        ch if ch.isascii() and ch.isprintable() else ch.encode("unicode_escape").decode()
+        for ch in text
+    )
+
+
 # RFC 4254 section 5.1 channel-open failure codes
 OPEN_ADMINISTRATIVELY_PROHIBITED = 1
 OPEN_CONNECT_FAILED = 2

@@ -75,6 +75,8 @@ class SessionStarted:
     command: str | None
     subsystem: str | None
     term: str | None
+    # a command that is not UTF-8, in base64 (then ``command`` is None)
+    command_base64: str | None = None
 
 
 @dataclass(frozen=True)

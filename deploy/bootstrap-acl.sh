@@ -18,13 +18,16 @@
 #
 # What it does:
 #   - every acl-policies/NAME.hcl becomes policy NAME (created, or updated by
-#     ID when its rules or description differ)
+#     ID when its rules or description differ); @AGENT_NODE@ in a file is
+#     replaced by the agent's node name (agent-reload.hcl)
 #   - tokens, each with a persisted accessor and secret (DIR/ACTOR.accessor,
 #     DIR/ACTOR.token: the SecretID and a newline, mode 0600, DIR 0700):
 #       bastion   policy bastion
 #       operator  policy operator
 #       agent     node identity NODE:DC (node write on its own node, service
 #                 read), set on the agent with `consul acl set-agent-token`
+#       agent-reload  policy agent-reload (agent write on NODE: `consul reload`
+#                 for `bastion register`)
 #     A token whose links or description differ is reset to exactly the
 #     intended list (1.8's `token update` clears what is not passed; current
 #     Consul keeps it -- so the result is re-read and, if still wrong, the
@@ -101,7 +104,7 @@ done
 command -v consul >/dev/null 2>&1 || die "the consul CLI is not on PATH"
 [ -d "$POLICIES_DIR" ] || die "policies directory not found: $POLICIES_DIR"
 POLICIES_DIR="$(cd "$POLICIES_DIR" && pwd)"
-for p in bastion operator "$ANON_POLICY"; do
+for p in bastion operator agent-reload "$ANON_POLICY"; do
   [ -f "$POLICIES_DIR/$p.hcl" ] || die "missing policy file $POLICIES_DIR/$p.hcl"
 done
 if [ -n "$VAULT_PATH" ]; then
@@ -420,7 +423,18 @@ if [ "$MGMT_SRC" != "bootstrap" ]; then
   fi
 fi
 
-# --- 3. policies ----------------------------------------------------------------
+# --- 3. the agent's node (policies may be templated with it) and policies -------
+agent_dc=""
+if self_json="$(http_get '/v1/agent/self?pretty' 2>/dev/null)"; then
+  [ -n "$AGENT_NODE" ] || AGENT_NODE="$(printf '%s\n' "$self_json" | json_field NodeName)"
+  agent_dc="$(printf '%s\n' "$self_json" | json_field Datacenter)"
+fi
+[ -n "$AGENT_NODE" ] \
+  || die "cannot read the agent's node name from $CONSUL_ADDR/v1/agent/self (needs curl or python3): pass --agent-node NAME"
+[ -n "$agent_dc" ] || agent_dc="$(printf '%s\n' "$dcs" | first_line)"
+[[ "$AGENT_NODE" =~ ^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$ ]] \
+  || die "agent node name must be [A-Za-z0-9._-] to go into a policy: $AGENT_NODE"
+
 policy_id() {
   printf '%s\n' "$policy_list" | awk -v want="$1" '
     function val(s) { sub(/^[^:]*: "/, "", s); sub(/",?[ \t\r]*$/, "", s); return s }
@@ -437,9 +451,11 @@ for f in "${policy_files[@]}"; do
   desc="bastion ACL kit: $name.hcl (managed by deploy/bootstrap-acl.sh)"
   want_rules="$(cat "$f")"
   [ -n "$want_rules" ] || die "policy file is empty: $f"
+  want_rules="${want_rules//@AGENT_NODE@/$AGENT_NODE}"
   id="$(policy_id "$name")"
   if [ -z "$id" ]; then
-    out="$(c acl policy create -name "$name" -description "$desc" -rules "@$f" 2>&1)" \
+    out="$(printf '%s\n' "$want_rules" \
+           | c acl policy create -name "$name" -description "$desc" -rules - 2>&1)" \
       || die "creating policy $name from $f failed: $(printf '%s' "$out" | oneline)"
     say "policy $name: created from $f"
     continue
@@ -453,7 +469,8 @@ for f in "${policy_files[@]}"; do
     say "policy $name: unchanged"
   else
     # by ID: on Consul 1.8, `-name` would rename a policy, not select it
-    out="$(c acl policy update -id "$id" -name "$name" -description "$desc" -rules "@$f" 2>&1)" \
+    out="$(printf '%s\n' "$want_rules" \
+           | c acl policy update -id "$id" -name "$name" -description "$desc" -rules - 2>&1)" \
       || die "updating policy $name failed: $(printf '%s' "$out" | oneline)"
     say "policy $name: updated from $f (rules or description had drifted)"
   fi
@@ -530,16 +547,10 @@ ensure_token bastion "bastion: SSH bastion, reads routes and keys, registers ssh
   policy:bastion
 ensure_token operator "operator: manages routes, user keys and host keys" policy:operator
 
-agent_dc=""
-if self_json="$(http_get '/v1/agent/self?pretty' 2>/dev/null)"; then
-  [ -n "$AGENT_NODE" ] || AGENT_NODE="$(printf '%s\n' "$self_json" | json_field NodeName)"
-  agent_dc="$(printf '%s\n' "$self_json" | json_field Datacenter)"
-fi
-[ -n "$AGENT_NODE" ] \
-  || die "cannot read the agent's node name from $CONSUL_ADDR/v1/agent/self (needs curl or python3): pass --agent-node NAME"
-[ -n "$agent_dc" ] || agent_dc="$(printf '%s\n' "$dcs" | first_line)"
 ensure_token agent "agent: Consul agent on node $AGENT_NODE (node identity)" \
   "node:$AGENT_NODE:$agent_dc"
+ensure_token agent-reload "agent-reload: reloads the Consul agent on node $AGENT_NODE (bastion register)" \
+  policy:agent-reload
 agent_secret="$(tr -d ' \t\r\n' < "$OUT_DIR/agent.token")"
 rc=0
 out="$(printf '{"Token":%s}\n' "$(json_str "$agent_secret")" \
@@ -598,12 +609,12 @@ fi
 
 # --- 6. summary -----------------------------------------------------------------
 files=""
-for t in management bastion operator agent; do
+for t in management bastion operator agent agent-reload; do
   [ -s "$OUT_DIR/$t.token" ] && files="$files $t.token"
 done
 say "done: token files (mode 0600) in $OUT_DIR:$files"
 if [ "$PRINT_SECRETS" -eq 1 ]; then
-  for t in management bastion operator agent; do
+  for t in management bastion operator agent agent-reload; do
     [ -s "$OUT_DIR/$t.token" ] && printf '%s.token: %s\n' "$t" "$(tr -d ' \t\r\n' < "$OUT_DIR/$t.token")"
   done
 fi

@@ -33,7 +33,7 @@ from devstack import (
 SCRIPT = ROOT / "deploy/bootstrap-acl.sh"
 POLICIES = ROOT / "acl-policies"
 ANON = "00000000-0000-0000-0000-000000000002"
-TOKEN_FILES = ("management", "bastion", "operator", "agent")
+TOKEN_FILES = ("management", "bastion", "operator", "agent", "agent-reload")
 UUID_LINE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\n\Z")
 
 
@@ -206,7 +206,8 @@ def test_first_run_creates_policies_and_tokens(kit: Kit) -> None:
     agent = kit.agent
     for f in sorted(POLICIES.glob("*.hcl")):
         _, rules = policy_rules(agent, f.stem)
-        assert rules.strip() == f.read_text().strip()
+        # agent-reload.hcl is templated with the agent's node name
+        assert rules.strip() == f.read_text().replace("@AGENT_NODE@", "consul-dev").strip()
     descriptions = {}
     for actor, accessor in kit.accessors.items():
         status, tok = agent.api("GET", f"/v1/acl/token/{accessor}")
@@ -217,6 +218,7 @@ def test_first_run_creates_policies_and_tokens(kit: Kit) -> None:
     assert token_links(agent, kit.accessors["bastion"]) == ["policy:bastion"]
     assert token_links(agent, kit.accessors["operator"]) == ["policy:operator"]
     assert token_links(agent, kit.accessors["agent"]) == ["node:consul-dev:dc1"]
+    assert token_links(agent, kit.accessors["agent-reload"]) == ["policy:agent-reload"]
     assert token_links(agent, ANON) == ["policy:anonymous"]
 
 
@@ -226,7 +228,7 @@ def test_reruns_change_nothing(kit: Kit) -> None:
     for _ in range(2):
         res = run_ok(kit.agent, kit.out)
         assert not re.search(r"\b(created|updated|reset|bootstrapped)\b", res.stdout), res.stdout
-        assert res.stdout.count(" unchanged") == 4 + 4  # 4 policies, 4 tokens
+        assert res.stdout.count(" unchanged") == 5 + 5  # 5 policies, 5 tokens
         assert_no_secret_printed(res, kit.out)
         assert acl_indexes(kit.agent) == before
     assert {p.name: p.read_bytes() for p in kit.out.iterdir()} == files_before
@@ -348,6 +350,41 @@ PERMISSIONS: list[tuple[str, str, str, Any, int | str]] = [
     ("agent", "PUT", "/v1/agent/service/register", {"Name": "web", "Port": 80}, 403),
     ("agent", "GET", "/v1/acl/policies", None, 403),
     ("agent", "GET", "/v1/agent/self", None, 403),
+    # --- agent-reload (agent write on consul-dev): `consul reload`, nothing of the data
+    ("agent-reload", "PUT", "/v1/agent/reload", None, 200),
+    ("agent-reload", "GET", "/v1/kv/users/alice", None, 403),
+    ("agent-reload", "GET", "/v1/kv/users/?recurse", None, 404),
+    ("agent-reload", "PUT", "/v1/kv/users/alice", b"host-666", 403),
+    ("agent-reload", "PUT", "/v1/kv/bastion/state", b"x", 403),
+    (
+        "agent-reload",
+        "PUT",
+        "/v1/agent/service/register",
+        {"ID": "ssh-bastion", "Name": "ssh-bastion", "Port": 2222},
+        403,
+    ),
+    ("agent-reload", "PUT", "/v1/agent/service/register", {"Name": "web", "Port": 80}, 403),
+    ("agent-reload", "PUT", "/v1/agent/service/deregister/ssh-bastion", None, 403),
+    ("agent-reload", "PUT", "/v1/agent/check/register", {"Name": "x", "TTL": "30s"}, 403),
+    (
+        "agent-reload",
+        "PUT",
+        "/v1/catalog/register",
+        {"Node": "host-999", "Address": "10.9.9.9"},
+        403,
+    ),
+    ("agent-reload", "PUT", "/v1/agent/maintenance?enable=true&reason=x", None, 403),
+    ("agent-reload", "PUT", "/v1/agent/service/maintenance/ssh-bastion?enable=true", None, 403),
+    ("agent-reload", "PUT", "/v1/agent/force-leave/host-101", None, 403),
+    ("agent-reload", "GET", "/v1/catalog/nodes", None, "empty"),
+    ("agent-reload", "GET", "/v1/catalog/service/ssh-bastion", None, "empty"),
+    ("agent-reload", "GET", "/v1/agent/services", None, "empty"),
+    ("agent-reload", "GET", "/v1/acl/policies", None, 403),
+    ("agent-reload", "GET", "/v1/acl/tokens", None, 403),
+    ("agent-reload", "GET", f"/v1/acl/token/{ANON}", None, 403),
+    ("agent-reload", "PUT", "/v1/acl/token", {"Description": "evil"}, 403),
+    ("agent-reload", "GET", "/v1/operator/raft/configuration", None, 403),
+    ("agent-reload", "PUT", "/v1/event/fire/deploy", None, 403),
     # --- anonymous (no token): nothing
     ("anonymous", "GET", "/v1/kv/users/alice", None, 403),
     ("anonymous", "GET", "/v1/kv/ssh-keys/alice", None, 403),
@@ -408,6 +445,26 @@ def test_agent_members_is_only_node_read(kit: Kit) -> None:
     status, members = kit.call("bastion", "GET", "/v1/agent/members")
     assert status == 200
     assert [m["Name"] for m in members] == ["consul-dev"]
+
+
+def test_agent_reload_token_reloads_and_what_else_agent_write_means(kit: Kit) -> None:
+    """`consul reload` works with the agent-reload token (what `bastion register
+    --reload-token-file` runs). Agent write on the node cannot be split: it also
+    reads the agent's own config, and on Consul 1.8 it may set the agent's ACL
+    tokens (current Consul requires acl:write there) -- documented in
+    acl-policies/agent-reload.hcl; the service manager needs no token at all."""
+    agent = kit.agent
+    res = agent.run_cli("reload", token=kit.tokens["agent-reload"], check=False)
+    assert res.returncode == 0 and "reload triggered" in res.stdout.lower(), res.stderr
+    for actor in ("bastion", "operator", "agent", "anonymous"):
+        assert kit.call(actor, "PUT", "/v1/agent/reload")[0] == 403, actor
+    status, self_info = kit.call("agent-reload", "GET", "/v1/agent/self")
+    assert status == 200 and self_info["Config"]["NodeName"] == "consul-dev"
+    # set the agent token to the one it already has: harmless, and shows the grant
+    status, _ = kit.call(
+        "agent-reload", "PUT", "/v1/agent/token/agent", {"Token": kit.tokens["agent"]}
+    )
+    assert status == (200 if self_info["Config"]["Version"].startswith("1.8.") else 403)
 
 
 def test_anonymous_dns_variant(kit: Kit) -> None:
@@ -473,6 +530,9 @@ def test_agent_node_option(kit: Kit) -> None:
         res = run_ok(agent, kit.out, "--agent-node", "host-101")
         assert "token agent: reset to node:host-101:dc1 (had: node:consul-dev:dc1)" in res.stdout
         assert token_links(agent, acc) == ["node:host-101:dc1"]
+        # the reload policy follows the node: it reloads host-101's agent, not this one
+        assert "policy agent-reload: updated" in res.stdout
+        assert kit.call("agent-reload", "PUT", "/v1/agent/reload")[0] == 403
         token = kit.tokens["agent"]
         assert (
             agent.api(
@@ -492,6 +552,7 @@ def test_agent_node_option(kit: Kit) -> None:
     finally:
         run_ok(agent, kit.out)
     assert token_links(agent, acc) == ["node:consul-dev:dc1"]
+    assert kit.call("agent-reload", "PUT", "/v1/agent/reload")[0] == 200
 
 
 # --------------------------------------------------------------------------
@@ -723,7 +784,7 @@ def test_policy_files_use_portable_grammar() -> None:
     """No Enterprise-only or post-1.8 blocks; every file has a header comment;
     the bastion's policy has exactly the rules it needs."""
     files = {p.stem: p.read_text() for p in POLICIES.glob("*.hcl")}
-    assert {"bastion", "operator", "anonymous", "anonymous-dns"} <= set(files)
+    assert {"bastion", "operator", "anonymous", "anonymous-dns", "agent-reload"} <= set(files)
     for name, text in files.items():
         assert text.startswith("#"), f"{name}.hcl needs a header comment"
         assert not re.search(r"^\s*(partition|namespace|mesh|peering)\b", text, re.M), name
@@ -743,6 +804,11 @@ def test_policy_files_use_portable_grammar() -> None:
     code = re.sub(r"#.*", "", files["bastion"])
     assert len(re.findall(r"\bpolicy\s*=", code)) == 5
     assert not re.search(r"^\s*(acl|operator|keyring)\s*=", code, re.M)
+    # agent-reload: agent write on the one node the script puts in, nothing else
+    code = re.sub(r"#.*", "", files["agent-reload"])
+    rules = re.findall(r'^(\w+)\s+"([^"]*)"\s*\{\s*\n\s*policy\s*=\s*"(\w+)"', code, re.M)
+    assert rules == [("agent", "@AGENT_NODE@", "write")]
+    assert len(re.findall(r"\bpolicy\s*=", code)) == 1
 
 
 def _argv_logging_path(tmp_path: Path, log: Path, *tools: str) -> str:

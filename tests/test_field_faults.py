@@ -1064,3 +1064,138 @@ def test_host_killed_mid_session_is_audited_as_lost(
     finally:
         host.stop()
         consul.kv_delete("host-keys/host-103")
+
+
+# -- found by a hostile review ----------------------------------------------------
+
+
+def test_nul_bytes_are_refused_not_passed_upstream(
+    bastion: BastionProcess, people: dict[str, Person]
+) -> None:
+    """sshd reads these strings as C strings; passed upstream a NUL would end
+    the host's connection, which the person's other sessions share."""
+    mark = len(bastion.audit_records())
+
+    async def main() -> list[str]:
+        async with asyncssh.connect(
+            "127.0.0.1", bastion.port, options=_asyncssh_conn(bastion, people["alice"])
+        ) as conn:
+            held = await conn.create_process("echo held; cat", encoding=None)
+            assert await held.stdout.readline() == b"held\n"
+            refused = []
+            for kwargs in (
+                {"command": "echo a\0b"},
+                {"subsystem": "sftp\0x"},
+                {"command": "true", "term_type": "xterm\0x"},
+            ):
+                try:
+                    await conn.run(**kwargs, check=True)  # type: ignore[arg-type]
+                except (asyncssh.ChannelOpenError, asyncssh.ProcessError) as exc:
+                    refused.append(type(exc).__name__)
+            with pytest.raises(asyncssh.ChannelOpenError):
+                await conn.open_unix_connection("/tmp/x\0y")
+            # the held session on the same connection still works
+            held.stdin.write(b"still here\n")
+            assert await held.stdout.readline() == b"still here\n"
+            held.stdin.write_eof()
+            await held.wait_closed()
+            return refused
+
+    assert len(asyncio.run(main())) == 3
+    kinds = {r["event"] for r in audit_after(bastion, mark) if r.get("outcome") == "refused"}
+    assert {"exec", "subsystem", "pty-req", "forward"} <= kinds, kinds
+    assert "Traceback" not in bastion.log.read_text()
+
+
+def test_client_text_cannot_forge_log_lines(
+    bastion: BastionProcess, people: dict[str, Person]
+) -> None:
+    forged = "x\n2026-01-01 00:00:00,000 INFO bastion.frontdoor: login of root forged"
+
+    async def main() -> None:
+        async with asyncssh.connect(
+            "127.0.0.1", bastion.port, options=_asyncssh_conn(bastion, people["alice"])
+        ) as conn:
+            with pytest.raises(asyncssh.ChannelOpenError):
+                await conn.open_unix_connection(forged)
+
+    asyncio.run(main())
+    log = bastion.log.read_text()
+    assert "login of root forged" in log  # logged, escaped on one line
+    assert not any(line.startswith("2026-01-01") for line in log.splitlines())
+
+
+def test_max_sessions_per_connection(bastion: BastionProcess, people: dict[str, Person]) -> None:
+    """sshd's MaxSessions (10): the 11th open session is refused, administratively."""
+
+    async def main() -> asyncssh.ChannelOpenError:
+        async with asyncssh.connect(
+            "127.0.0.1", bastion.port, options=_asyncssh_conn(bastion, people["alice"])
+        ) as conn:
+            held = [await conn.create_process("cat", encoding=None) for _ in range(10)]
+            with pytest.raises(asyncssh.ChannelOpenError) as err:
+                await conn.create_process("cat", encoding=None)
+            for proc in held:
+                proc.stdin.write_eof()
+                await proc.wait_closed()
+            # once they end, sessions open again
+            assert (await conn.run("hostname", check=True)).stdout == "host-102\n"
+            return err.value
+
+    err = asyncio.run(main())
+    assert err.code == asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED
+    assert "MaxSessions 10" in err.reason
+
+
+def test_password_logins_do_not_tell_which_users_exist(
+    tmp_path: Path, bastion: BastionProcess, people: dict[str, Person]
+) -> None:
+    askpass = tmp_path / "askpass"
+    askpass.write_text("#!/bin/sh\necho wrong-password\n")
+    askpass.chmod(0o700)
+    env = {**os.environ, "SSH_ASKPASS": str(askpass), "SSH_ASKPASS_REQUIRE": "force"}
+    answers = []
+    for user in ("carol", "nobody-here", "zed"):
+        argv = ssh_command(
+            port=bastion.port,
+            user=user,
+            extra=(
+                "-o",
+                "BatchMode=no",
+                "-o",
+                "PreferredAuthentications=password",
+                "-o",
+                "NumberOfPasswordPrompts=1",
+            ),
+            command=("true",),
+        )
+        result = run(argv, env=env)
+        assert result.returncode == 255
+        answers.append(result.stderr.replace(user.encode(), b"USER"))
+    assert answers[0] == answers[1] == answers[2], answers
+    assert b"no route" not in answers[1]
+
+
+def test_a_failed_method_then_a_good_key_is_audited_as_authenticated(
+    tmp_path: Path, bastion: BastionProcess, people: dict[str, Person]
+) -> None:
+    """One mistyped password, then the key: the connection is not a refusal."""
+    mark = len(bastion.audit_records())
+
+    async def main() -> None:
+        options = asyncssh.SSHClientConnectionOptions(
+            username="alice",
+            known_hosts=None,
+            config=None,
+            client_keys=[str(people["alice"].key)],
+            password="not-it",
+            preferred_auth=["password", "publickey"],
+        )
+        async with asyncssh.connect("127.0.0.1", bastion.port, options=options) as conn:
+            assert (await conn.run("hostname", check=True)).stdout == "host-102\n"
+
+    asyncio.run(main())
+    closed = bastion.wait_audit(
+        lambda r: r.get("event") == "connection" and r in audit_after(bastion, mark)
+    )
+    assert closed["outcome"] == "authenticated" and "reason" not in closed, closed

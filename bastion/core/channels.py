@@ -12,6 +12,7 @@ connection's life, authentication and its upstream connection.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
@@ -30,6 +31,7 @@ from bastion.errors import (
     HostUnreachable,
     RequestDenied,
     UpstreamRefused,
+    printable,
 )
 from bastion.events import ChannelEnded, ChannelOpened, ChannelRefused, SessionStarted
 from bastion.model import ForwardingPolicy, UpstreamPlan
@@ -41,13 +43,25 @@ if TYPE_CHECKING:
 log = logging.getLogger("bastion.frontdoor")
 
 
-def _shown(raw: bytes | None, limit: int = 4096) -> str | None:
-    """A command or subsystem name for the audit: UTF-8, other bytes as
-    backslash escapes, at most ``limit`` characters."""
+def _shown(raw: bytes | None, limit: int = 4096) -> tuple[str | None, str | None]:
+    """A command or subsystem name for the audit, unambiguous: (the text,
+    None) when it is UTF-8, else (None, the bytes in base64); at most
+    ``limit`` bytes of it (then "...")."""
     if raw is None:
-        return None
-    text = raw.decode("utf-8", "backslashreplace")
-    return text if len(text) <= limit else text[:limit] + "..."
+        return None, None
+    cut = raw[:limit]
+    more = "..." if len(raw) > limit else ""
+    try:
+        return cut.decode("utf-8") + more, None
+    except UnicodeDecodeError:
+        return None, base64.b64encode(cut).decode() + more
+
+
+def _no_nul(text: str, what: str) -> None:
+    """sshd reads forwarding addresses as C strings and ends the connection on
+    a NUL; passed upstream one would end the host's connection for everyone."""
+    if "\0" in text:
+        raise RequestDenied(f"the {what} holds a NUL byte")
 
 
 def hostport(host: str, port: int) -> str:
@@ -117,8 +131,24 @@ class ChannelRequests(asyncssh.SSHServer):
             )
         )
 
+    def _over_limit(self, kind: str) -> None:
+        """Refuse a channel beyond ``max_sessions`` (sshd's MaxSessions) or
+        ``max_channels``, as sshd does: administratively prohibited."""
+        settings = self._ctx.settings
+        sessions = sum(1 for st in self.open_channels if st.kind == "session")
+        if kind == "session" and sessions >= settings.max_sessions:
+            why = f"no more sessions on this connection (MaxSessions {settings.max_sessions})"
+        elif len(self.open_channels) >= settings.max_channels:
+            why = f"too many channels on this connection (max_channels {settings.max_channels})"
+        else:
+            return
+        denied = RequestDenied(why)
+        self._refuse_channel(denied, kind, "")
+        raise open_error(denied)
+
     def session_requested(self) -> tuple[asyncssh.SSHServerChannel[bytes], SessionRelay]:
         assert self.conn is not None
+        self._over_limit("session")
         if self._no_more_sessions:
             # sshd's answer (session.c session_open)
             self._refuse_channel(
@@ -150,8 +180,9 @@ class ChannelRequests(asyncssh.SSHServer):
                     user=self.user,
                     source=self.source,
                     request=str(stats.detail.get("request", "")),
-                    command=_shown(command),
-                    subsystem=_shown(subsystem),
+                    command=_shown(command)[0],
+                    command_base64=_shown(command)[1],
+                    subsystem=_shown(subsystem)[0] or _shown(subsystem)[1],
                     term=term,
                 )
             ),
@@ -180,7 +211,9 @@ class ChannelRequests(asyncssh.SSHServer):
         through the routed host, only where the user's policy allows it.
         """
         target = hostport(host, port)
+        self._over_limit("tunnel")
         try:
+            _no_nul(host, "host")
             tunnel = self._ctx.policy.tunnel(self.user, host, port)
         except BastionError as exc:
             self._refuse_channel(exc, "tunnel", target)
@@ -207,6 +240,11 @@ class ChannelRequests(asyncssh.SSHServer):
         return self._open_unix_tunnel(dest_path)
 
     async def _open_unix_tunnel(self, path: str) -> TunnelRelay:
+        self._over_limit("forward")
+        if "\0" in path:
+            nul = RequestDenied("the socket path holds a NUL byte")
+            self._refuse_channel(nul, "forward", path)
+            raise open_error(nul)
         if not self._forwarding.local_forwarding:
             denied = ForwardDenied(
                 f"{self.user} may not connect to the socket {path}: local forwarding is off"
@@ -260,7 +298,12 @@ class ChannelRequests(asyncssh.SSHServer):
 
     def _refuse_channel(self, exc: BastionError, kind: str, target: str) -> None:
         log.warning(
-            "%s of %s from %s to %s refused: %s", kind, self.user, self.source, target, exc.detail
+            "%s of %s from %s to %s refused: %s",
+            kind,
+            self.user,
+            self.source,
+            printable(target),
+            printable(exc.detail, 400),
         )
         self._ctx.events.emit(
             ChannelRefused(
@@ -310,7 +353,13 @@ class ChannelRequests(asyncssh.SSHServer):
     ) -> asyncssh.SSHListener | bool:
         """``ssh -R``: the routed host listens; its connections come back to the person."""
         if not self._forwarding.remote_forwarding:
-            exc = ForwardDenied(f"{self.user} may not forward remote ports or sockets")
+            exc: BastionError = ForwardDenied(
+                f"{self.user} may not forward remote ports or sockets"
+            )
+            self._refuse_channel(exc, "remote-forward", target)
+            return False
+        if "\0" in target:
+            exc = RequestDenied("the listen address holds a NUL byte")
             self._refuse_channel(exc, "remote-forward", target)
             return False
         try:

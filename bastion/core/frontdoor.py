@@ -37,7 +37,6 @@ from bastion.errors import (
     SessionEnded,
     TooManyAuthFailures,
     TooManyConnections,
-    UpstreamAuthFailed,
 )
 from bastion.events import (
     AuthFailed,
@@ -135,11 +134,15 @@ class BastionConnection(ChannelRequests):
         admitted = self._registry.admit(self)
         self._ctx.events.emit(ConnectionAccepted(self.conn_id, self.source, admitted))
         if not admitted:
-            log.warning(
-                "dropping %s: %d unauthenticated connections already",
-                self.source,
-                self._ctx.settings.max_unauthenticated,
-            )
+            dropped = self._registry.note_dropped()
+            if dropped:  # at most once a second, with the count since the last line
+                log.warning(
+                    "dropped %d connection(s) (the last from %s): %d unauthenticated "
+                    "connections already",
+                    dropped,
+                    self.source,
+                    self._ctx.settings.max_unauthenticated,
+                )
             # after asyncssh has sent its version line (it does so when this
             # returns): a disconnect packet before it is garbage to the client
             # ("banner line contains invalid characters"); after it, OpenSSH
@@ -305,16 +308,20 @@ class BastionConnection(ChannelRequests):
                 if self._upstream is None:
                     await self._connect_upstream(password=password)
             return True
-        except UpstreamAuthFailed:
+        except DirectoryUnavailable as exc:
+            # the same for everyone: say why (the client shows a disconnect)
+            self._disconnect(exc, asyncssh.DISC_SERVICE_NOT_AVAILABLE)
             return False
         except BastionError as exc:
-            # the person learns why (e.g. host down) instead of a bare "denied";
-            # no other method could route the login either
-            self._disconnect(exc)
+            # no route, a host down, ...: before the host has checked the
+            # password, saying so would tell anyone which user names exist;
+            # the operator's log has the reason
+            log.info("password login of %s refused: %s", self.user, exc.detail)
             return False
 
     def auth_completed(self) -> None:
         self._authenticated = True
+        self._refusal = None  # an earlier failed method does not make this a refusal
         self._auth_seconds = time.monotonic() - self._started
         self._leave_unauth()
 
@@ -429,6 +436,8 @@ def _closed_by(exc: Exception | None) -> str:
         return "bastion"
     if isinstance(exc, asyncssh.ConnectionLost):
         return "client"
+    if isinstance(exc, asyncssh.ProtocolError):  # raised here, on what the client sent
+        return f"protocol error: {exc.reason}"[:200]
     if isinstance(exc, asyncssh.DisconnectError):
         return f"client: {exc.reason}"[:200]
     return f"error: {type(exc).__name__}"
@@ -440,6 +449,8 @@ class ConnectionRegistry:
     def __init__(self, max_unauthenticated: int) -> None:
         self._max_unauth = max_unauthenticated
         self._unauth = 0
+        self._dropped = 0  # turned away since the last log line
+        self._dropped_logged = -1.0
         self.live: set[BastionConnection] = set()
         self.empty = asyncio.Event()
         self.empty.set()
@@ -451,6 +462,15 @@ class ConnectionRegistry:
         self.live.add(conn)
         self.empty.clear()
         return True
+
+    def note_dropped(self) -> int:
+        """Count a turned-away connection; the count to log now (0: not yet)."""
+        self._dropped += 1
+        now = time.monotonic()
+        if now - self._dropped_logged < 1.0:
+            return 0
+        count, self._dropped, self._dropped_logged = self._dropped, 0, now
+        return count
 
     def left_unauth(self) -> None:
         self._unauth -= 1

@@ -91,7 +91,9 @@ def filter_env(env: Mapping[bytes, bytes], allow: Sequence[str]) -> dict[bytes, 
     return {
         k: v
         for k, v in env.items()
-        if any(fnmatch.fnmatchcase(k.decode("utf-8", "surrogateescape"), p) for p in allow)
+        if b"\0" not in k
+        and b"\0" not in v
+        and any(fnmatch.fnmatchcase(k.decode("utf-8", "surrogateescape"), p) for p in allow)
     }
 
 
@@ -147,6 +149,9 @@ class SessionRelay(asyncssh.SSHServerSession[bytes]):
     def pty_requested(
         self, term_type: str, term_size: tuple[int, int, int, int], term_modes: Mapping[int, int]
     ) -> bool:
+        if "\0" in term_type:  # see sshd_compat: never passed upstream
+            self.request_refused("pty-req", "the terminal type holds a NUL byte")
+            return False
         self._pty = (term_type, term_size, term_modes)
         return True
 

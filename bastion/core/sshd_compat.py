@@ -51,12 +51,23 @@ class TransparentServerChannel(asyncssh.SSHServerChannel[bytes]):
     def _process_exec_request(self, packet: Any) -> bool:
         command = packet.get_string()
         packet.check_end()
+        if b"\0" in command:
+            return self._nul("exec")
         return bool(self._start_session(command=command.decode("utf-8", "surrogateescape")))
 
     def _process_subsystem_request(self, packet: Any) -> bool:
         subsystem = packet.get_string()
         packet.check_end()
+        if b"\0" in subsystem:
+            return self._nul("subsystem")
         return bool(self._start_session(subsystem=subsystem.decode("utf-8", "surrogateescape")))
+
+    def _nul(self, request: str) -> bool:
+        # sshd reads these strings as C strings and ends the connection on a
+        # NUL (sshpkt_get_cstring); passed upstream, one would take down the
+        # host's connection, which other sessions may share
+        self._refused(request, f"the {request} request holds a NUL byte")
+        return False
 
     def _process_x11_req_request(self, packet: Any) -> bool:
         # sshd with X11Forwarding no refuses the same way; the client prints

@@ -61,7 +61,7 @@ import unicodedata
 from collections.abc import Mapping
 from typing import Any
 
-from bastion.errors import MalformedRoute, NoRoute
+from bastion.errors import MalformedRoute, NoRoute, printable
 from bastion.identity import USER_NAME_RULE, valid_user_name
 from bastion.model import ForwardingPolicy, Route, Target
 
@@ -80,12 +80,7 @@ _DOTTED_DIGITS_RE = re.compile(r"[0-9.]+\Z")
 
 def plain(text: str, limit: int = 40) -> str:
     """``text`` safe for a message or a log line: escaped, ASCII, bounded."""
-    if len(text) > limit:
-        text = text[:limit] + "..."
-    return "".join(
-        ch if ch.isascii() and ch.isprintable() else ch.encode("unicode_escape").decode()
-        for ch in text
-    )
+    return printable(text, limit)
 
 
 def show(text: str, limit: int = 40) -> str:
