@@ -39,6 +39,7 @@ import stat
 import struct
 import time
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -105,8 +106,15 @@ def _error(message: str) -> dict[str, Any]:
 class AdminServer:
     """The admin socket's listener (the application starts and stops it)."""
 
-    def __init__(self, settings: AdminSettings, sessions: Sessions, events: EventBus) -> None:
+    def __init__(
+        self,
+        settings: AdminSettings,
+        sessions: Sessions,
+        events: EventBus,
+        on_drain: Callable[[], None] | None = None,
+    ) -> None:
         assert settings.socket_path is not None
+        self._on_drain = on_drain
         self.path = settings.socket_path
         self._group = settings.group
         self._gid: int | None = None
@@ -318,7 +326,13 @@ class AdminServer:
             return {"ok": True, "sessions": [dataclasses.asdict(c) for c in self._sessions.live()]}
         if op == "kill":
             return self._kill(request, peer)
-        return _error(f"unknown op {op!r} (sessions, kill)")
+        if op == "drain" and self._on_drain is not None:
+            if set(request) != {"op"}:
+                return _error("drain: takes no fields")
+            log.warning("admin socket: drain asked by %s", peer)
+            self._on_drain()
+            return {"ok": True, "draining": True}
+        return _error(f"unknown op {op!r} (sessions, kill, drain)")
 
     def _kill(self, request: dict[str, Any], peer: Peer) -> dict[str, Any]:
         extra = sorted(set(request) - {"op", "conn", "user", "why"})

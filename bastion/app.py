@@ -9,27 +9,36 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
 import signal
 import time
+from collections.abc import Callable
 
 from bastion import fastpath
 from bastion.admin import AdminServer
 from bastion.audit import AuditLog
-from bastion.config import Settings, env_token, read_public_key_lines, read_secret_file
+from bastion.config import (
+    Settings,
+    env_token,
+    load_settings,
+    read_public_key_lines,
+    read_secret_file,
+)
 from bastion.core.frontdoor import BastionServer, ServerContext
 from bastion.core.upstream import UpstreamConnector, UpstreamPool
 from bastion.credentials import CertificateSigner, VaultClient, build_signer
 from bastion.directory import ConsulDirectory
 from bastion.directory.watch import Watch
 from bastion.errors import BastionError, ConfigError
-from bastion.events import EventBus, ServerStopped
+from bastion.events import DrainStarted, EventBus, Reloaded, ServerStopped
 from bastion.identity import KeyDirectory
 from bastion.metrics import Metrics
 from bastion.policy import LoginPolicy
 from bastion.recording import Recorder
+from bastion.service import OwnService
 from bastion.trust import HostKeyPolicy
 
 # the principal of the certificate minted at start to check signing works
@@ -85,10 +94,18 @@ class Application:
         self.events.subscribe(self.audit.handle)
         self.events.subscribe(self.metrics.handle)
         self.draining = False
+        self.own_service: OwnService | None = None
+        self.ctx: ServerContext | None = None
+        self.signer: CertificateSigner | None = None
+        self._stop_reported = False
+        # asks the serving loop to drain (the admin socket's `drain`)
+        self.on_drain: Callable[[], None] = lambda: None
         self.recorder: Recorder | None = None
 
     async def start(self) -> None:
         s = self.settings
+        if s.server.log_level is not None:
+            logging.getLogger("bastion").setLevel(s.server.log_level.upper())
         # asyncssh speed-ups, version-guarded (bastion/fastpath); it logs
         # the features in force, the metric names them
         fastpath.apply(s.fastpath)
@@ -97,6 +114,9 @@ class Application:
             self.vault = VaultClient(s.vault)
             await self.vault.start()
         token = await consul_token(s, self.vault)
+        self.own_service = OwnService(
+            s.consul.address, token, s.consul.service_name, s.consul_service_id
+        )
         self.directory = ConsulDirectory(s.consul, token, s.upstream.default_port)
         directory = self.directory
         self.metrics.directory_watches(
@@ -157,6 +177,8 @@ class Application:
             tunnel_timeout=s.upstream.connect_timeout,
             recorder=self.recorder,
         )
+        self.ctx = ctx
+        self.signer = signer
         self.server = BastionServer(ctx)
         registry = self.server.registry
         self.metrics.unauthenticated.set_function(lambda: registry.unauthenticated)
@@ -167,12 +189,125 @@ class Application:
         # bastion sessions / kill; after the listener, so that a bastion that
         # cannot start never touches another one's admin socket
         if s.admin.socket_path is not None:
-            self.admin = AdminServer(s.admin, self.server, self.events)
+            self.admin = AdminServer(
+                # late-bound: serve() sets on_drain after the start
+                s.admin,
+                self.server,
+                self.events,
+                on_drain=lambda: self.on_drain(),  # noqa: PLW0108
+            )
             await self.admin.start()
         server = self.server
         self.metrics.health(lambda: (server.listening and directory.ready, self.draining))
         if s.metrics.listen:
             await self.metrics.start_server(s.metrics.listen)
+
+    async def reload(self) -> None:
+        """SIGHUP: read the settings file again and apply what can change live.
+
+        Live: ``[server]`` limits, methods, ``env_allow``, ``authorized_keys_dir``,
+        ``user_ca_keys``, ``log_level`` and ``drain_timeout``; ``[upstream]``
+        ``known_hosts``, ``host_keys_from_directory``, ``cert_ttl``,
+        ``connect_timeout`` and the ``reuse_*`` settings; the Consul token file
+        (``[consul] token_file``) and the Vault AppRole files. Everything else
+        (the listener, host keys, the Consul and Vault addresses, audit,
+        metrics, recording, admin) is reported as needing a restart, and the
+        running value is kept. An invalid file changes nothing: one ERROR
+        line, and the bastion goes on with the settings it has.
+        """
+        old = self.settings
+        if old.source is None or self.ctx is None or self.directory is None:
+            return
+        try:
+            new = load_settings(old.source)
+            ca_lines = (
+                read_public_key_lines(new.server.user_ca_keys, "[server] user_ca_keys")
+                if new.server.user_ca_keys is not None
+                else ()
+            )
+            token = await consul_token(new, self.vault)
+            host_keys = HostKeyPolicy(
+                new.upstream.known_hosts,
+                self.directory.host_keys if new.upstream.host_keys_from_directory else None,
+            )
+            secret_changed = (
+                await self.vault.reload_credentials() if self.vault is not None else False
+            )
+        except BastionError as exc:
+            log.error("reload: %s; still serving with the previous settings", exc.detail)
+            self.events.emit(Reloaded((), (), exc.user_message))
+            return
+        restart = _needs_restart(old, new)
+        changed = _live_changes(old, new)
+        if secret_changed:
+            changed.append("[vault] AppRole credentials")
+        # keep what needs a restart as it runs; take everything else
+        server = dataclasses.replace(
+            new.server, listen=old.server.listen, host_keys=old.server.host_keys
+        )
+        upstream = new.upstream
+        self.settings = dataclasses.replace(
+            old,
+            server=server,
+            upstream=upstream,
+            consul=dataclasses.replace(
+                old.consul, token_file=new.consul.token_file, token_env=new.consul.token_env
+            ),
+        )
+        if server.log_level is not None:
+            logging.getLogger("bastion").setLevel(server.log_level.upper())
+        self.directory.watches.set_token(token)
+        if self.own_service is not None:
+            self.own_service.set_token(token)
+        self.ctx.settings = server
+        self.ctx.tunnel_timeout = upstream.connect_timeout
+        self.ctx.keys = KeyDirectory(
+            self.directory.authorized_keys, server.authorized_keys_dir, ca_lines
+        )
+        self.ctx.policy = LoginPolicy(self.directory, host_keys)
+        if self.pool is not None:
+            self.pool.configure(
+                idle=upstream.reuse_idle,
+                max_age=upstream.reuse_max_age_seconds,
+                max_shared=upstream.reuse_max_shared,
+                settings=upstream,
+            )
+        if self.signer is not None:
+            self.signer.ttl = upstream.cert_ttl
+        log.info(
+            "reload: %s%s",
+            ("applied " + ", ".join(changed)) if changed else "nothing to apply",
+            ("; needs a restart to take effect: " + ", ".join(restart)) if restart else "",
+        )
+        self.events.emit(Reloaded(tuple(changed), tuple(restart), None))
+
+    async def drain(self, timeout: float | None = None, *, why: str) -> None:
+        """Leave Consul (maintenance mode, until it no longer names this
+        bastion), stop accepting, tell live sessions, let them finish within
+        ``timeout`` (default ``[server] drain_timeout``), close the rest."""
+        if self.server is None or self.draining:
+            return
+        self.draining = True
+        timeout = self.settings.server.drain_timeout if timeout is None else timeout
+        left: float | None = None
+        if self.own_service is not None:
+            service = self.own_service
+            try:
+                left = await service.leave()
+            except BastionError as exc:
+                log.error("draining: could not take the service out of Consul: %s", exc.detail)
+            else:
+                if left is None:
+                    log.warning(
+                        "draining: service %s is not registered on the local agent",
+                        service.id,
+                    )
+                else:
+                    log.info("draining: Consul no longer names %s (%.2f s)", service.id, left)
+        self.events.emit(DrainStarted(len(self.server.registry.live), timeout, left, why))
+        counts = await self.server.drain(timeout)
+        self.events.emit(ServerStopped(counts["drained"], counts["closed"]))
+        self._stop_reported = True
 
     async def stop(self, drain_timeout: float = 10.0) -> None:
         self.draining = True
@@ -180,7 +315,8 @@ class Application:
             self.pool.close()  # idle upstream connections now, the rest after the drain
         if self.server is not None:
             counts = await self.server.stop(drain_timeout)
-            self.events.emit(ServerStopped(counts["drained"], counts["closed"]))
+            if not self._stop_reported:
+                self.events.emit(ServerStopped(counts["drained"], counts["closed"]))
         if self.recorder is not None:  # after the drain: every recorded session has ended
             await asyncio.to_thread(self.recorder.close)
         await self.metrics.stop_server()
@@ -191,6 +327,60 @@ class Application:
         if self.vault is not None:
             await self.vault.aclose()
         self.audit.close()
+
+
+# settings that only a restart applies (the running value is kept on reload)
+_RESTART = {
+    "server": ("listen", "host_keys"),
+    "consul": (
+        "address",
+        "token_vault_path",
+        "token_vault_field",
+        "routes_prefix",
+        "keys_prefix",
+        "host_keys_prefix",
+        "wait",
+        "stale_after",
+        "request_timeout",
+        "service_name",
+        "service_id",
+    ),
+    "upstream": ("ca_key", "default_port", "keepalive_interval"),
+}
+_RESTART_SECTIONS = ("vault", "audit", "metrics", "recording", "admin")
+
+
+def _needs_restart(old: Settings, new: Settings) -> list[str]:
+    """The changed settings that a reload cannot apply."""
+    found = []
+    for section, keys in _RESTART.items():
+        a, b = getattr(old, section), getattr(new, section)
+        found += [
+            f"[{section}] {k}" for k in keys if hasattr(a, k) and getattr(a, k) != getattr(b, k)
+        ]
+    found += [
+        f"[{name}]"
+        for name in _RESTART_SECTIONS
+        if getattr(old, name, None) != getattr(new, name, None)
+    ]
+    return found
+
+
+def _live_changes(old: Settings, new: Settings) -> list[str]:
+    """The changed settings a reload applies."""
+    found = []
+    for section in ("server", "upstream"):
+        a, b = getattr(old, section), getattr(new, section)
+        skip = _RESTART.get(section, ())
+        found += [
+            f"[{section}] {f.name}"
+            for f in dataclasses.fields(a)
+            if f.name not in skip and getattr(a, f.name) != getattr(b, f.name)
+        ]
+    for key in ("token_file", "token_env"):
+        if getattr(old.consul, key) != getattr(new.consul, key):
+            found.append(f"[consul] {key}")
+    return found
 
 
 def _age(watch: Watch) -> float:
@@ -219,17 +409,43 @@ async def _check_signing(signer: CertificateSigner) -> None:
         log.info("certificate signing self-check passed")
 
 
-async def serve(settings: Settings, drain_timeout: float = 10.0) -> None:
-    """Run until SIGTERM or SIGINT."""
+async def serve(settings: Settings, drain_timeout: float | None = None) -> None:
+    """Run until SIGTERM or SIGINT.
+
+    The first SIGTERM drains (:meth:`Application.drain`: out of Consul first,
+    then no new connections, live sessions told and given ``drain_timeout``);
+    a second SIGTERM, or SIGINT, ends at once.
+    """
     app = Application(settings)
-    stop = asyncio.Event()
+    drain = asyncio.Event()
+    now = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+
+    def on_term() -> None:
+        (now if drain.is_set() else drain).set()
+
+    loop.add_signal_handler(signal.SIGTERM, on_term)
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(app.reload()))
+    loop.add_signal_handler(signal.SIGINT, now.set)
+    app.on_drain = drain.set  # `bastion drain` through the admin socket
     try:
         await app.start()
-        await stop.wait()
+        waiting = [asyncio.ensure_future(drain.wait()), asyncio.ensure_future(now.wait())]
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        if drain.is_set() and not now.is_set():
+            log.info("draining (a second SIGTERM ends at once)")
+            draining = asyncio.ensure_future(app.drain(drain_timeout, why="SIGTERM"))
+            ending = asyncio.ensure_future(now.wait())
+            await asyncio.wait([draining, ending], return_when=asyncio.FIRST_COMPLETED)
+            if not draining.done():
+                log.info("ending at once")
+                draining.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await draining
+            ending.cancel()
+        for task in waiting:
+            task.cancel()
         log.info("shutting down")
     finally:
         with contextlib.suppress(Exception):
-            await app.stop(drain_timeout)
+            await app.stop(0)

@@ -33,9 +33,11 @@ from bastion.events import (
     ChannelRefused,
     ConnectionAccepted,
     ConnectionClosed,
+    DrainStarted,
     Event,
     LoginAccepted,
     OperatorAction,
+    Reloaded,
     ServerStopped,
     SessionStarted,
 )
@@ -107,6 +109,10 @@ class AuditLog:
             self.record("session-start", **fields)
         elif isinstance(event, OperatorAction):
             self.record(fields.pop("action"), **fields)
+        elif isinstance(event, Reloaded):
+            self.record("reload", **fields)
+        elif isinstance(event, DrainStarted):
+            self.record("drain", **fields)
         elif isinstance(event, ServerStopped):
             self.record("stop", **fields)
 

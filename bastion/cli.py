@@ -3,9 +3,12 @@
 bastion serve --config FILE      run the bastion
 bastion route USER --config FILE where USER would go right now, and why
 bastion check ADDRESS            Consul script check: is an SSH banner served?
+bastion register --config FILE --consul-config-dir DIR
+                                 the bastion's service and local check, into the agent's config
 bastion replay SESSION --config FILE  play a session recording ([recording] dir)
 bastion sessions [--json]        the live sessions (over the admin socket)
 bastion kill CONN | --user NAME  end live sessions, with a notice to the person
+bastion doctor --config FILE     is this deployment safe? a PASS/WARN/FAIL table
 bastion demo                     a local stack to try (see README)
 """
 
@@ -148,6 +151,14 @@ def _kill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _drain(args: argparse.Namespace) -> int:
+    from bastion.admin import request
+
+    request(_admin_socket(args), {"op": "drain"})
+    print("draining: out of Consul, no new logins; live sessions run up to [server] drain_timeout")
+    return 0
+
+
 def _replay(args: argparse.Namespace) -> int:
     from bastion.errors import ConfigError
     from bastion.recording import recording_path, replay
@@ -167,10 +178,39 @@ def _replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _register(args: argparse.Namespace) -> int:
+    from bastion.register import run_register
+
+    return run_register(
+        load_settings(args.config),
+        args.consul_config_dir,
+        service_token_file=args.service_token_file,
+        reload_token_file=args.reload_token_file,
+        consul_bin=args.consul_bin,
+        deregister=args.deregister,
+    )
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    """Check the deployment with the bastion's own settings; exit 1 on any FAIL."""
+    from bastion.config import read_secret_file
+    from bastion.doctor import diagnose, exit_status, render_json, render_table
+
+    settings = load_settings(args.config)
+    admin = None
+    if args.consul_token_file is not None:
+        admin = read_secret_file(args.consul_token_file, "--consul-token-file")
+    if args.log_level == "INFO":  # the table is the output: no INFO lines around it
+        logging.getLogger("bastion").setLevel(logging.WARNING)
+    checks = asyncio.run(diagnose(settings, admin, args.consul_token_file))
+    print(render_json(checks) if args.json else render_table(checks))
+    return exit_status(checks)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from devstack.demo import run_demo
 
-    return run_demo(args.workdir, args.port)
+    return run_demo(args.workdir, args.port, args.bastions)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,8 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--drain-timeout",
         type=float,
-        default=10.0,
-        help="seconds live sessions get to finish on shutdown",
+        default=None,
+        help="seconds live sessions get to finish on SIGTERM (default: [server] drain_timeout)",
     )
     p.set_defaults(func=_serve)
 
@@ -209,6 +249,33 @@ def build_parser() -> argparse.ArgumentParser:
             "--socket", type=Path, help=f"the admin socket (default: {DEFAULT_ADMIN_SOCKET})"
         )
 
+    p = sub.add_parser(
+        "register",
+        help="write the bastion's Consul service (local script check) into the agent's "
+        "config directory, validate, reload",
+    )
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument(
+        "--consul-config-dir",
+        type=Path,
+        required=True,
+        help="the local Consul agent's config directory, e.g. /etc/consul.d",
+    )
+    p.add_argument(
+        "--service-token-file",
+        type=Path,
+        help="token for the definition (service write; default: [consul] token_file)",
+    )
+    p.add_argument(
+        "--reload-token-file",
+        type=Path,
+        help="token for `consul reload` (agent write on this node); without it, "
+        "reload with the service manager",
+    )
+    p.add_argument("--consul-bin", default="consul", help="the consul CLI (default: on PATH)")
+    p.add_argument("--deregister", action="store_true", help="remove the service instead")
+    p.set_defaults(func=_register)
+
     p = sub.add_parser("sessions", help="list the live sessions")
     admin_socket_options(p)
     p.add_argument("--json", action="store_true", help="a JSON array instead of a table")
@@ -224,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     admin_socket_options(p)
     p.set_defaults(func=_kill)
 
+    p = sub.add_parser("drain", help="drain this bastion, as SIGTERM does (admin socket)")
+    admin_socket_options(p)
+    p.set_defaults(func=_drain)
+
     p = sub.add_parser("replay", help="play a session recording (asciicast v2) to stdout")
     p.add_argument("session", help="session id (the audit's session_id), e.g. 3f2a9c01b4e7-1")
     p.add_argument("--config", type=Path, required=True)
@@ -233,6 +304,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--raw", action="store_true", help="all output at once, without the timing")
     p.set_defaults(func=_replay)
+
+    p = sub.add_parser("doctor", help="is this deployment safe? checks with PASS/WARN/FAIL")
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--json", action="store_true", help="JSON instead of a table")
+    p.add_argument(
+        "--consul-token-file",
+        type=Path,
+        help="an operator/management token, used only to read the Consul agent's "
+        "configuration (the bastion's own token may not, by design)",
+    )
+    p.set_defaults(func=_doctor)
 
     p = sub.add_parser("demo", help="run a local stack to try the bastion (needs root)")
     p.add_argument(
@@ -244,6 +326,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--port", type=int, default=2222, help="the bastion's port on 127.0.0.1 (default 2222)"
+    )
+    p.add_argument(
+        "--bastions",
+        type=int,
+        default=1,
+        choices=range(1, 10),
+        metavar="N",
+        help="run N bastions on PORT, PORT+1, ..., each registered in Consul (default 1)",
     )
     p.set_defaults(func=_demo)
     return parser

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import grp
 import os
+import re
 import stat
 import tomllib
 import urllib.parse
@@ -23,6 +24,9 @@ from bastion.fastpath import FEATURES as FASTPATH_FEATURES
 from bastion.fastpath import features_from_env
 
 AUTH_METHODS = ("publickey", "password", "keyboard-interactive")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# a Consul service name or ID the bastion registers: one DNS label
+SERVICE_NAME_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,11 @@ class ServerSettings:
     # pre-auth connections held at once; more are dropped at accept
     max_unauthenticated: int = 256
     max_auth_attempts: int = 6
+    # the bastion's log level (DEBUG, INFO, WARNING, ERROR); unset: the
+    # command line's --log-level
+    log_level: str | None = None
+    # a drain (SIGTERM, `bastion drain`) lets live sessions run this long, seconds
+    drain_timeout: float = 3600.0
     # open session channels per connection, as sshd's MaxSessions (default 10)
     max_sessions: int = 10
     # open channels of any kind per connection (sessions and tunnels); each
@@ -75,6 +84,12 @@ class ConsulSettings:
     request_timeout: float = 5.0
     # register the bastion's own service (script check comes from the agent config)
     service_name: str = "ssh-bastion"
+    # `bastion register`: the service ID on the local agent ("" = <service_name>-<port>,
+    # so that bastions sharing an agent do not collide) and the local script
+    # check's interval and timeout, seconds
+    service_id: str = ""
+    check_interval: float = 10.0
+    check_timeout: float = 3.0
 
 
 @dataclass(frozen=True)
@@ -188,6 +203,12 @@ class Settings:
     # BASTION_TUNING (unset or "all", "none", or a comma-separated list)
     fastpath: tuple[str, ...] = FASTPATH_FEATURES
     source: Path | None = None
+
+    @property
+    def consul_service_id(self) -> str:
+        """This bastion's service ID on its Consul agent: ``[consul] service_id``,
+        or ``<service_name>-<listen port>``."""
+        return self.consul.service_id or f"{self.consul.service_name}-{self.server.listen_port}"
 
 
 def split_host_port(value: str, default_port: int) -> tuple[str, int]:
@@ -334,6 +355,8 @@ def _validate(s: Settings, label: str) -> None:
         split_host_port(s.server.listen, 2222)
     except ValueError as exc:
         raise bad(f"[server] listen: {exc}") from None
+    if s.server.log_level is not None and s.server.log_level.upper() not in LOG_LEVELS:
+        raise bad(f"[server] log_level: one of {', '.join(LOG_LEVELS)}")
     if not s.server.host_keys:
         raise bad("[server] host_keys: at least one host key file is required")
     for method in s.server.auth_methods:
@@ -355,6 +378,15 @@ def _validate(s: Settings, label: str) -> None:
         raise bad("[consul] token_file, token_env and token_vault_path are exclusive")
     if s.consul.token_vault_path and not s.vault.enabled:
         raise bad("[consul] token_vault_path needs a [vault] address")
+    for key in ("service_name", "service_id"):
+        value = getattr(s.consul, key)
+        # a DNS label (<name>.service.consul) and a file name (bastion register)
+        if value and not SERVICE_NAME_RE.fullmatch(value):
+            raise bad(f"[consul] {key}: letters, digits and '-' only, at most 63: {value!r}")
+    if not 1 <= s.consul.check_interval <= 3600:
+        raise bad("[consul] check_interval: must be between 1 and 3600 seconds")
+    if not 1 <= s.consul.check_timeout <= s.consul.check_interval:
+        raise bad("[consul] check_timeout: must be between 1 second and check_interval")
     for key in ("routes_prefix", "keys_prefix", "host_keys_prefix"):
         prefix = getattr(s.consul, key)
         if not prefix.endswith("/") or prefix.startswith("/"):

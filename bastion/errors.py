@@ -171,3 +171,9 @@ class SessionEnded(BastionError):
     """An operator (or a drain, or the directory) ended a live connection."""
 
     reason = "ended-by-operator"
+
+
+class Drained(SessionEnded):
+    """A drain ended a live connection at the end of ``drain_timeout``."""
+
+    reason = "drained"

@@ -168,6 +168,28 @@ class OperatorAction:
 
 
 @dataclass(frozen=True)
+class DrainStarted:
+    """A drain began: ``live`` connections, ``timeout`` seconds for them;
+    ``consul_seconds`` until Consul stopped naming this bastion (None: not
+    registered, or Consul unreachable: see the log)."""
+
+    live: int
+    timeout: float
+    consul_seconds: float | None
+    why: str
+
+
+@dataclass(frozen=True)
+class Reloaded:
+    """SIGHUP: the settings ``applied``, those that ``need_restart``, or the
+    ``error`` that left everything as it was."""
+
+    applied: tuple[str, ...]
+    need_restart: tuple[str, ...]
+    error: str | None
+
+
+@dataclass(frozen=True)
 class ServerStopped:
     """The bastion stopped: connections that finished within the drain and those closed."""
 
@@ -187,6 +209,8 @@ Event = (
     | ChannelEnded
     | ConnectionClosed
     | OperatorAction
+    | DrainStarted
+    | Reloaded
 )
 
 

@@ -135,10 +135,17 @@ def _expected_bytes(direction: str, size: int) -> tuple[int, int]:
 def _check_audit(stack: BenchStack, lines_before: int, path: str, up: int, down: int) -> None:
     """The bastion's own audit record must show every byte relayed."""
     assert stack.bastion is not None
-    lines = wait_for_lines(stack.bastion.audit_file, lines_before + 1)
-    records = [json.loads(x) for x in lines[lines_before:]]
     kind = "session" if path == "bastion" else "tunnel"
-    mine = [r for r in records if r.get("event") == kind]
+    # a connection writes several records (connect, login, ...); the channel's
+    # is written a moment after the client has exited
+    deadline = time.monotonic() + 5.0
+    while True:
+        lines = wait_for_lines(stack.bastion.audit_file, lines_before + 1)
+        records = [json.loads(x) for x in lines[lines_before:]]
+        mine = [r for r in records if r.get("event") == kind]
+        if mine or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
     if not mine:
         raise BenchError(f"{path}: no audit record after the transfer")
     rec = mine[-1]

@@ -11,7 +11,13 @@ package (``bastion/``), not inside it.
 
 from devstack.bao import BaoServer, bootstrap_vault, setup_vault
 from devstack.bastion import BastionProcess, bastion_bin, render_settings, toml_value
-from devstack.consul import CONSUL_AGENT_HCL, ConsulAgent, bootstrap_acl, secure_consul
+from devstack.consul import (
+    CONSUL_AGENT_HCL,
+    ConsulAgent,
+    bootstrap_acl,
+    enable_service_dns,
+    secure_consul,
+)
 from devstack.process import (
     ROOT,
     SETUP_HINT,
@@ -53,6 +59,7 @@ __all__ = [
     "bootstrap_acl",
     "bootstrap_vault",
     "consul_bin",
+    "enable_service_dns",
     "free_port",
     "http_json",
     "keygen",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from devstack.consul import ConsulAgent
-from devstack.process import ROOT, Process, _find, free_port, wait_until
+from devstack.process import ROOT, Process, StackError, _find, consul_bin, free_port, wait_until
 from devstack.sshd import keygen, ssh_banner
 
 
@@ -69,7 +70,13 @@ class BastionProcess:
         if not self.port:
             self.port = free_port()
         host_key = keygen(self.workdir / "ssh_host_ed25519_key", comment="bastion host key")
-        server = {"listen": f"127.0.0.1:{self.port}", "host_keys": [str(host_key)]}
+        # a short drain: stopping a test's bastion with sessions still open
+        # must not wait the production default (an hour)
+        server = {
+            "listen": f"127.0.0.1:{self.port}",
+            "host_keys": [str(host_key)],
+            "drain_timeout": 3,
+        }
         server.update(self.sections.get("server", {}))
         sections = {**self.sections, "server": server, "audit": {"file": str(self.audit_file)}}
         # the admin socket only where a test asks for one ([admin] socket): the
@@ -150,6 +157,28 @@ class BastionProcess:
 
         wait_until("audit record", probe, timeout)
         return found[-1]
+
+    def register(
+        self,
+        consul: ConsulAgent,
+        reload_token_file: Path | None,
+        *extra: str,
+        check: bool = True,
+    ) -> subprocess.CompletedProcess[str]:
+        """``bastion register`` (or, with ``--deregister`` in ``extra``, its
+        reverse) of this bastion into ``consul``'s config directory, as an
+        operator runs it; StackError when it fails and ``check``."""
+        argv = [bastion_bin(), "register", "--config", str(self.config)]
+        argv += ["--consul-config-dir", str(consul.config_dir), "--consul-bin", consul_bin()]
+        if reload_token_file is not None:
+            argv += ["--reload-token-file", str(reload_token_file)]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CONSUL_")}
+        res = subprocess.run(
+            [*argv, *extra], env=env, capture_output=True, text=True, timeout=120, check=False
+        )
+        if check and res.returncode != 0:
+            raise StackError(f"bastion register failed:\n{res.stdout}{res.stderr}")
+        return res
 
     def stop(self) -> None:
         if self.process is not None:

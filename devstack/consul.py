@@ -24,7 +24,7 @@ enable_local_script_checks = true
 disable_update_check = true
 ports {{
   http = {http}
-  dns = -1
+  dns = {dns}
   grpc = -1
   serf_lan = {serf_lan}
   serf_wan = {serf_wan}
@@ -41,13 +41,19 @@ acl {{
 
 @dataclass
 class ConsulAgent:
-    """A real Consul agent (``-dev``) with ACLs on and ``default_policy = "deny"``."""
+    """A real Consul agent (``-dev``) with ACLs on and ``default_policy = "deny"``.
+
+    Its configuration is a directory, ``config_dir`` (``agent.hcl`` and what
+    ``bastion register`` adds), like ``/etc/consul.d`` on a host, so ``consul
+    validate`` and ``consul reload`` work on it as they do there. DNS is off
+    unless ``dns_port`` is 0 (a free port) or a port."""
 
     workdir: Path
     node: str = "consul-dev"
     extra_config_dirs: list[Path] = field(default_factory=list)
     env: dict[str, str] | None = None
     http_port: int = 0
+    dns_port: int = -1
     process: Process | None = None
     management_token: str = ""
 
@@ -55,11 +61,18 @@ class ConsulAgent:
     def http_addr(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
+    @property
+    def config_dir(self) -> Path:
+        return self.workdir / "consul.d"
+
     def start(self, timeout: float = 30.0) -> ConsulAgent:
         self.workdir.mkdir(parents=True, exist_ok=True)
         if not self.http_port:
             self.http_port = free_port()
-        cfg = self.workdir / "agent.hcl"
+        if self.dns_port == 0:
+            self.dns_port = free_port()
+        self.config_dir.mkdir(exist_ok=True)
+        cfg = self.config_dir / "agent.hcl"
         data_dir = self.workdir / "data"
         data_dir.mkdir(exist_ok=True)
         cfg.write_text(
@@ -67,12 +80,13 @@ class ConsulAgent:
                 node=self.node,
                 data_dir=data_dir,
                 http=self.http_port,
+                dns=self.dns_port,
                 serf_lan=free_port(),
                 serf_wan=free_port(),
                 server=free_port(),
             )
         )
-        argv = [consul_bin(), "agent", "-dev", f"-config-file={cfg}"]
+        argv = [consul_bin(), "agent", "-dev", f"-config-dir={self.config_dir}"]
         for extra in self.extra_config_dirs:
             argv.append(f"-config-dir={extra}")
         env = dict(os.environ if self.env is None else self.env)
@@ -178,6 +192,32 @@ def bootstrap_acl(
         timeout=180,
         check=False,
     )
+
+
+def enable_service_dns(agent: ConsulAgent, service: str = "ssh-bastion") -> str:
+    """Let Consul DNS answer ``<service>.service.consul`` (and nothing else) to
+    clients without a token: a policy with read on ``service`` and on the
+    agent's node, on a token set as the agent's ``default`` token (which DNS
+    and token-less HTTP requests use instead of the deny-all anonymous token).
+    Needs the management token; returns the new token's SecretID."""
+    rules = (
+        f'service "{service}" {{\n  policy = "read"\n}}\n'
+        f'node "{agent.node}" {{\n  policy = "read"\n}}\n'
+    )
+    name = f"dns-{service}"
+    code, body = agent.api("PUT", "/v1/acl/policy", {"Name": name, "Rules": rules})
+    if code != 200:
+        raise StackError(f"creating policy {name}: {code} {body}")
+    code, body = agent.api(
+        "PUT", "/v1/acl/token", {"Description": f"DNS: {service}", "Policies": [{"Name": name}]}
+    )
+    if code != 200:
+        raise StackError(f"creating the DNS token: {code} {body}")
+    secret = str(body["SecretID"])
+    code, body = agent.api("PUT", "/v1/agent/token/default", {"Token": secret})
+    if code != 200:
+        raise StackError(f"setting the agent's default token: {code} {body}")
+    return secret
 
 
 def secure_consul(agent: ConsulAgent, tokens: Path) -> str:

@@ -4,7 +4,10 @@ Starts a real Consul (ACLs deny by default, secured by
 ``deploy/bootstrap-acl.sh``), a real OpenBao (SSH CA set up by
 ``deploy/bootstrap-vault.sh``), two OpenSSH hosts host-101 and host-102, routes
 the demo user alice to host-102, starts the bastion with the least-privilege
-token, prints the ``ssh`` lines to type, and cleans everything up on Ctrl-C.
+token (``--bastions N``: N of them, on consecutive ports), registers each with
+``bastion register`` (its local script check, in the agent's config directory),
+prints the ``ssh`` lines to type and how Consul DNS names "the bastion", and
+cleans everything up on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -29,22 +32,57 @@ def _port_free(addr: str, port: int) -> bool:
         return True
 
 
-def run_demo(workdir: Path | None, port: int) -> int:
+# the demo's script-check interval: short, so a stopped bastion leaves DNS
+# quickly (the default is 10 s)
+DEMO_CHECK_INTERVAL = 3
+
+
+def _fleet_text(consul: ConsulAgent, fleet: list[BastionProcess], key: Path) -> str:
+    """How to find "the bastion" through Consul: DNS (SRV) and the catalog."""
+    dns = consul.dns_port
+    lines = [
+        "",
+        f'"The bastion" by Consul DNS ({len(fleet)} registered with `bastion register`,'
+        f" script check every {DEMO_CHECK_INTERVAL} s):",
+        "",
+        f"    dig @127.0.0.1 -p {dns} ssh-bastion.service.consul SRV",
+        f"    curl -s '{consul.http_addr}/v1/health/service/ssh-bastion?passing=1'",
+        "",
+        "and ssh to whichever it names:",
+        "",
+        f"    ssh -i {key} -o UserKnownHostsFile=/dev/null -o StrictHostKeyChecking=no \\",
+        f'        -p "$(dig @127.0.0.1 -p {dns} +short ssh-bastion.service.consul SRV'
+        " | awk 'NR==1 {print $3}')\" alice@127.0.0.1",
+    ]
+    if len(fleet) > 1:
+        pids = ", ".join(f"{b.port}: pid {b.process.pid}" for b in fleet if b.process is not None)
+        lines += [
+            "",
+            f"Stop one ({pids}) with kill -9 PID: within {DEMO_CHECK_INTERVAL} s DNS names",
+            "only the others; kill -TERM PID drains it (maintenance mode) at once.",
+        ]
+    return "\n".join(lines)
+
+
+def run_demo(workdir: Path | None, port: int, bastions: int = 1) -> int:
     own_dir = workdir is None
     base = Path(tempfile.mkdtemp(prefix="bastion-demo-")) if workdir is None else workdir
     base.mkdir(parents=True, exist_ok=True)
     base.chmod(0o755)
     parts: list[ConsulAgent | BaoServer | SshdHost | BastionProcess] = []
+    fleet: list[BastionProcess] = []
 
     def step(msg: str) -> None:
         print(f"[demo] {msg}", flush=True)
 
     try:
         step("starting Consul 1.8 (ACLs on, default deny)")
-        consul = ConsulAgent(base / "consul")
+        consul = ConsulAgent(base / "consul", dns_port=0)
         parts.append(consul.start())
         tokens = base / "consul-tokens"
         print(devstack.secure_consul(consul, tokens), end="")
+        step(f"Consul DNS on 127.0.0.1:{consul.dns_port} answers ssh-bastion.service.consul")
+        devstack.enable_service_dns(consul, "ssh-bastion")
 
         step("starting OpenBao and its SSH CA")
         bao = BaoServer(base / "bao")
@@ -78,25 +116,36 @@ def run_demo(workdir: Path | None, port: int) -> int:
         consul.kv_put("ssh-keys/alice", key.with_suffix(".pub").read_text())
         consul.kv_put("users/alice", where("host-102"))
 
-        step(f"starting the bastion on 127.0.0.1:{port}")
-        bastion = BastionProcess(
-            base / "bastion",
-            {
-                "server": {"auth_methods": ["publickey"]},
-                "consul": {
-                    "address": consul.http_addr,
-                    "token_file": str(tokens / "bastion.token"),
+        for i in range(bastions):
+            step(f"starting the bastion on 127.0.0.1:{port + i}")
+            one = BastionProcess(
+                base / ("bastion" if i == 0 else f"bastion-{i + 1}"),
+                {
+                    "server": {"auth_methods": ["publickey"]},
+                    "consul": {
+                        "address": consul.http_addr,
+                        "token_file": str(tokens / "bastion.token"),
+                        "check_interval": DEMO_CHECK_INTERVAL,
+                    },
+                    "vault": {
+                        "address": bao.addr,
+                        "role_id_file": str(vault_out / "role_id"),
+                        "secret_id_file": str(vault_out / "secret_id"),
+                    },
+                    "upstream": {"known_hosts": str(known_hosts)},
                 },
-                "vault": {
-                    "address": bao.addr,
-                    "role_id_file": str(vault_out / "role_id"),
-                    "secret_id_file": str(vault_out / "secret_id"),
-                },
-                "upstream": {"known_hosts": str(known_hosts)},
-            },
-            port=port,
-        )
-        parts.append(bastion.start())
+                port=port + i,
+            )
+            parts.append(one.start())
+            fleet.append(one)
+            print(one.register(consul, tokens / "agent-reload.token").stdout, end="")
+        bastion = fleet[0]
+
+        def passing() -> bool:
+            code, body = consul.api("GET", "/v1/health/service/ssh-bastion?passing=1")
+            return code == 200 and len(body or []) == bastions
+
+        devstack.wait_until("the bastions' checks passing in Consul", passing, 30)
 
         env = (
             f"CONSUL_HTTP_ADDR={consul.http_addr} CONSUL_HTTP_TOKEN=$(cat {tokens}/operator.token)"
@@ -123,16 +172,26 @@ routes name them; in a fleet a bare node name means port 22.
 Audit records: {bastion.audit_file}
 Bastion log:   {bastion.log}
 Metrics:       http://127.0.0.1:{bastion.metrics_port}/metrics (and /health)
+{_fleet_text(consul, fleet, key)}
 Press Ctrl-C to stop everything.""",
             flush=True,
         )
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
+        gone: set[int] = set()
         while not stop.wait(1):
             for part in parts:
-                if part.process is not None and not part.process.alive():
-                    raise devstack.StackError(f"{part.process.name} exited; see {part.process.log}")
+                if part.process is None or part.process.alive():
+                    continue
+                if isinstance(part, BastionProcess) and len(fleet) > 1:
+                    # one of several: Consul notices (the point of a fleet)
+                    if part.port not in gone:
+                        gone.add(part.port)
+                        step(f"the bastion on port {part.port} exited; Consul's check notices")
+                    if len(gone) < len(fleet):
+                        continue
+                raise devstack.StackError(f"{part.process.name} exited; see {part.process.log}")
         return 0
     except devstack.StackError as exc:
         print(f"[demo] failed: {exc}", flush=True)

@@ -7,6 +7,7 @@
 # What it installs:
 #   - openssh-server/client, rsync, tmux, shellcheck, docker-compose (bookworm)
 #   - asciinema (bookworm): the player tests/test_recording.py checks recordings with
+#   - dnsutils (bookworm): `dig`, for the Consul DNS lines `bastion demo` prints
 #   - Consul 1.8.7 from Debian's bullseye suite, unpacked into .cache/consul/
 #     (bookworm has no consul package), using the mirror the machine's own apt
 #     sources already name: no registry host is written anywhere.
@@ -28,7 +29,7 @@ fail() { printf '[setup] FAILED: %s\n' "$*" >&2; exit 1; }
 mkdir -p "$CACHE"
 
 # --- Debian packages from bookworm ----------------------------------------
-DEB_PKGS=(openssh-server openssh-client rsync tmux shellcheck docker-compose procps iproute2 asciinema)
+DEB_PKGS=(openssh-server openssh-client rsync tmux shellcheck docker-compose procps iproute2 asciinema dnsutils)
 missing=()
 for p in "${DEB_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

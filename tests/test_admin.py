@@ -377,7 +377,7 @@ def test_oversized_and_malformed_requests_get_an_error(admin_bastion: BastionPro
         for request, error in [
             (b"not json\n", "not a JSON request"),
             (b"[1, 2]\n", "a request is a JSON object with an 'op'"),
-            (b'{"op": "dance"}\n', "unknown op 'dance' (sessions, kill)"),
+            (b'{"op": "dance"}\n', "unknown op 'dance' (sessions, kill, drain)"),
             (b'{"op": "kill"}\n', "kill: give exactly one of conn and user"),
             (b'{"op": "kill", "user": "a", "conn": "b"}\n', "kill: give exactly one of"),
             (b'{"op": "kill", "user": 7}\n', "kill: user must be a name"),

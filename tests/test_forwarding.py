@@ -347,6 +347,7 @@ def test_local_forwarding_by_policy(
         consul, bastion, "alice", {"route": route(hosts, "host-102"), "local_forwarding": True}
     )
     lport = devstack.free_port()
+    mark = len(bastion.audit_records())
     client = _forwarding_client(
         bastion, people["alice"], ["-L", f"127.0.0.1:{lport}:{h101.address}:{h101.port}"]
     )
@@ -355,7 +356,9 @@ def test_local_forwarding_by_policy(
         assert _banner_through(lport).startswith(b"SSH-2.0-OpenSSH")
     finally:
         stop_ssh_client(client)
-    record = wait_record(bastion, lambda r: r["event"] == "forward")
+    record = wait_record(
+        bastion, lambda r: r["event"] == "forward" and r in bastion.audit_records()[mark:]
+    )
     assert record["outcome"] == "ok" and record["bytes_down"] > 0
 
     # bob has no such policy: the channel is refused, the login itself works

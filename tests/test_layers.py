@@ -18,11 +18,11 @@ LAYERS: list[set[str]] = [
     {"errors", "events"},
     {"fastpath"},  # version-pinned asyncssh patches; config reads its feature names
     {"config", "model"},
-    {"identity", "trust", "directory", "credentials"},
+    {"identity", "trust", "directory", "credentials", "service"},
     {"policy"},
     {"core"},
     {"audit", "metrics", "recording"},  # observers: subscribe to events, tap sessions
-    {"admin", "app", "check", "cli"},
+    {"admin", "app", "check", "cli", "doctor", "register"},
 ]
 # the one allowed exception: `bastion demo` starts the dev stack (lazily)
 OUTSIDE_ALLOWED = {("cli", "devstack")}

@@ -85,6 +85,8 @@ class ChannelRequests(asyncssh.SSHServer):
     _no_more_sessions: bool
     # the relays' counters of this connection's channels that are open now
     open_channels: set[RelayStats]
+    # its session relays that are open now (for notices)
+    open_sessions: dict[RelayStats, SessionRelay]
 
     async def upstream(self) -> asyncssh.SSHClientConnection:
         raise NotImplementedError
@@ -106,6 +108,7 @@ class ChannelRequests(asyncssh.SSHServer):
 
     def _channel_ended(self, stats: RelayStats) -> None:
         self.open_channels.discard(stats)
+        self.open_sessions.pop(stats, None)
         err = stats.error
         plan = self._plan
         self._ctx.events.emit(
@@ -192,6 +195,7 @@ class ChannelRequests(asyncssh.SSHServer):
                 else None
             ),
         )
+        self.open_sessions[stats] = relay
         return transparent_channel(self.conn), relay
 
     def _request_refused(self, request: str, why: str) -> None:

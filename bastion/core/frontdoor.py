@@ -33,6 +33,7 @@ from bastion.errors import (
     BastionError,
     ConfigError,
     DirectoryUnavailable,
+    Drained,
     RoutingError,
     SessionEnded,
     TooManyAuthFailures,
@@ -124,6 +125,7 @@ class BastionConnection(ChannelRequests):
         self._started = time.monotonic()
         self.started_wall = time.time()
         self.open_channels = set()
+        self.open_sessions = {}
 
     # -- connection lifecycle ------------------------------------------------
 
@@ -235,9 +237,14 @@ class BastionConnection(ChannelRequests):
     def plan(self) -> UpstreamPlan | None:
         return self._plan
 
-    def end(self, why: str) -> None:
+    def end(self, why: str, error: type[SessionEnded] = SessionEnded) -> None:
         """End this connection on an operator's word; the person reads ``why``."""
-        self._disconnect(SessionEnded(why))
+        self._disconnect(error(why))
+
+    def notice(self, text: str) -> None:
+        """One line on the terminal of each of its open sessions."""
+        for relay in list(self.open_sessions.values()):
+            relay.notice(text)
 
     def _set_no_more_sessions(self) -> None:
         self._no_more_sessions = True
@@ -595,6 +602,44 @@ class BastionServer:
         except (OSError, asyncssh.KeyImportError, ValueError) as exc:
             raise ConfigError(f"[server] listen: cannot listen on {s.listen}: {exc}") from exc
         log.info("listening on %s", s.listen)
+
+    def stop_accepting(self) -> None:
+        """Close the listener; live connections go on."""
+        if self._acceptor is not None and not self._stopping:
+            self._stopping = True
+            self._acceptor.close()
+            log.info("no longer accepting connections")
+
+    async def drain(self, timeout: float, warn_before: float = 60.0) -> dict[str, int]:
+        """Stop accepting, tell every live session, let them finish within
+        ``timeout`` seconds (a second notice ``warn_before`` seconds before the
+        end), then close the rest with a disconnect that says why. Returns
+        how many finished and how many were closed."""
+        self.stop_accepting()
+        before = len(self.registry.live)
+        minutes = f"{timeout / 60:.0f} min" if timeout >= 120 else f"{timeout:.0f} s"
+        for c in list(self.registry.live):
+            c.notice(
+                f"this bastion is being drained for maintenance; your session may go on "
+                f"for up to {minutes}, new logins go to another bastion"
+            )
+        first = max(timeout - warn_before, 0.0)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.registry.empty.wait(), first)
+        if self.registry.live and timeout > first:
+            for c in list(self.registry.live):
+                c.notice(f"this session will be closed in {timeout - first:.0f} s (drain)")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.registry.empty.wait(), timeout - first)
+        left = [c for c in self.registry.live if c.conn is not None]
+        for c in left:
+            c.end("this bastion was drained; log in again to reach another one", Drained)
+        # the disconnects are on their way; let the connections go
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.registry.empty.wait(), 5)
+        counts = {"drained": before - len(left), "closed": len(left)}
+        log.info("drained: %(drained)d connections finished, %(closed)d closed", counts)
+        return counts
 
     async def stop(self, drain_timeout: float = 10.0) -> dict[str, int]:
         """Stop accepting, let sessions finish within ``drain_timeout``, then close."""

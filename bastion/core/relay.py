@@ -167,6 +167,12 @@ class SessionRelay(asyncssh.SSHServerSession[bytes]):
         self.stats.detail["request"] = f"subsystem:{subsystem}"
         return True
 
+    def notice(self, text: str) -> None:
+        """One line for the person, on the session's stderr (their terminal)."""
+        chan = self._chan
+        if chan is not None and not self._closed and not chan.is_closing():
+            chan.write_stderr(f"\r\nbastion: {text}\r\n".encode())
+
     def request_refused(self, request: str, why: str) -> None:
         """The channel refused ``request`` (X11, agent forwarding): audit it."""
         if self._on_refused is not None:

@@ -53,8 +53,12 @@ class UpstreamConnector:
     """Opens the bastion's SSH connection to a routed host."""
 
     def __init__(self, settings: UpstreamSettings, signer: CertificateSigner | None) -> None:
-        self._settings = settings
         self._signer = signer
+        self.reconfigure(settings)
+
+    def reconfigure(self, settings: UpstreamSettings) -> None:
+        """Use ``settings`` for the next connections (SIGHUP)."""
+        self._settings = settings
         # built once: asyncssh.connect() would otherwise re-read ~/.ssh/config,
         # default keys and the agent for every login
         self._base_options = asyncssh.SSHClientConnectionOptions(
@@ -268,6 +272,14 @@ class UpstreamPool:
         self.max_shared = max_shared
         self._shared: dict[tuple[str, str, int, str], list[_Shared]] = {}
         self._closed = False
+
+    def configure(
+        self, *, idle: float, max_age: float, max_shared: int, settings: UpstreamSettings
+    ) -> None:
+        """New reuse limits and connection settings for what comes next (SIGHUP);
+        open connections keep theirs until they close."""
+        self.idle, self.max_age, self.max_shared = idle, max_age, max_shared
+        self._connector.reconfigure(settings)
 
     async def acquire(
         self,

@@ -51,6 +51,8 @@ class UpstreamCredential:
 class CertificateSigner(Protocol):
     """Mints an :class:`UpstreamCredential` for one login."""
 
+    ttl: int  # seconds each certificate is valid ([upstream] cert_ttl)
+
     async def issue(self, principal: str, key_id: str) -> UpstreamCredential:
         """A fresh key and a user certificate valid for ``principal`` only.
 

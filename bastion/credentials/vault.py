@@ -42,6 +42,10 @@ class VaultClient:
         self._http = self._auth.http
         self._closed = False
 
+    async def reload_credentials(self) -> bool:
+        """Re-read the AppRole files; log in again if they changed (SIGHUP)."""
+        return await self._auth.reload_credentials()
+
     @property
     def token_ttl_left(self) -> float:
         """Seconds the bastion's Vault token has left (inf: never expires)."""

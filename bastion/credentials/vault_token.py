@@ -122,6 +122,22 @@ class VaultToken:
         self.token = None
         await self.http.aclose()
 
+    async def reload_credentials(self) -> bool:
+        """Read the AppRole files again (a rotated secret_id); log in with them
+        when they changed. True when they had. Raises ConfigError for a file
+        that is unreadable or too open, CredentialError if Vault refuses."""
+        if self._settings.role_id_file is None or self._settings.secret_id_file is None:
+            return False
+        role_id = Secret(read_secret_file(self._settings.role_id_file, "[vault] role_id_file"))
+        secret_id = Secret(
+            read_secret_file(self._settings.secret_id_file, "[vault] secret_id_file")
+        )
+        if role_id == self._role_id and secret_id == self._secret_id:
+            return False
+        self._role_id, self._secret_id = role_id, secret_id
+        await self.relogin(self.generation)
+        return True
+
     async def relogin(self, seen_generation: int) -> None:
         """A new token, unless another task replaced ``seen_generation``'s already."""
         async with self._login_lock:

@@ -109,6 +109,10 @@ class ConsulWatches:
         self._stale_logged = False
         self._denied_logged = False
 
+    def set_token(self, token: str) -> None:
+        """Use ``token`` from the next request on (a rotated token file)."""
+        self._headers = {"X-Consul-Token": token.strip()}
+
     @property
     def watches(self) -> list[Watch]:
         return self._watches

@@ -1,0 +1,159 @@
+"""SIGHUP: the bastion reads its settings again, applies what can change live,
+says what needs a restart, and keeps serving on the old settings when the
+new file is invalid."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import tomllib
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from conftest import ConsulTokens, Person, VaultSetup, bastion_sections
+
+import devstack
+from devstack import BastionProcess, ConsulAgent, render_settings, ssh_command
+
+
+def login(proc: BastionProcess, user: str, key: Path) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        ssh_command(port=proc.port, user=user, identity=key, command=("hostname",)),
+        capture_output=True,
+        timeout=60,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def reload_with(proc: BastionProcess, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Edit the bastion's settings file, send SIGHUP, return its reload record."""
+    settings = tomllib.loads(proc.config.read_text())
+    change(settings)
+    proc.config.write_text(render_settings(settings))
+    before = sum(1 for r in proc.audit_records() if r["event"] == "reload")
+    assert proc.process is not None
+    os.kill(proc.process.pid, signal.SIGHUP)
+    devstack.wait_until(
+        "reload record",
+        lambda: sum(1 for r in proc.audit_records() if r["event"] == "reload") > before,
+        15,
+    )
+    return [r for r in proc.audit_records() if r["event"] == "reload"][-1]
+
+
+def test_reload_applies_live_settings_and_names_the_rest(
+    tmp_path: Path,
+    consul: ConsulAgent,
+    consul_tokens: ConsulTokens,
+    vault: VaultSetup,
+    known_hosts: Path,
+    people: dict[str, Person],
+    directory_entries: None,
+) -> None:
+    proc = BastionProcess(
+        tmp_path / "bastion", bastion_sections(consul_tokens, consul, known_hosts, vault)
+    ).start()
+    try:
+        # a person's own certificate from a CA the bastion does not trust yet
+        ca = devstack.keygen(tmp_path / "new_user_ca", comment="a new user CA")
+        key = devstack.keygen(tmp_path / "id_cert")
+        devstack.sign_user_key(ca, key.with_suffix(".pub"), ["alice"], "alice-new-ca")
+        assert login(proc, "alice", key).returncode == 255
+
+        def trust_the_ca(settings: dict[str, Any]) -> None:
+            settings["server"]["user_ca_keys"] = str(ca.with_suffix(".pub"))
+            settings["server"]["max_sessions"] = 5
+            settings["server"]["listen"] = "127.0.0.1:1"  # needs a restart
+            settings["upstream"]["reuse_idle"] = 0
+
+        record = reload_with(proc, trust_the_ca)
+        assert "[server] user_ca_keys" in record["applied"]
+        assert "[server] max_sessions" in record["applied"]
+        assert "[upstream] reuse_idle" in record["applied"]
+        assert record["need_restart"] == ["[server] listen"]
+        ok = login(proc, "alice", key)
+        assert ok.stdout == b"host-102\n", ok.stderr  # the new CA is trusted now
+        assert login(proc, "alice", people["alice"].key).stdout == b"host-102\n"
+        log = proc.log.read_text()
+        assert "reload: applied" in log and "needs a restart to take effect: [server] listen" in log
+    finally:
+        proc.stop()
+
+
+def test_an_invalid_file_changes_nothing(
+    tmp_path: Path,
+    consul: ConsulAgent,
+    consul_tokens: ConsulTokens,
+    vault: VaultSetup,
+    known_hosts: Path,
+    people: dict[str, Person],
+    directory_entries: None,
+) -> None:
+    proc = BastionProcess(
+        tmp_path / "bastion", bastion_sections(consul_tokens, consul, known_hosts, vault)
+    ).start()
+    try:
+
+        def break_it(settings: dict[str, Any]) -> None:
+            settings["upstream"]["cert_ttl"] = 5  # below the 30 s minimum
+
+        record = reload_with(proc, break_it)
+        assert "cert_ttl" in record["error"]
+        assert "still serving with the previous settings" in proc.log.read_text()
+        assert login(proc, "alice", people["alice"].key).stdout == b"host-102\n"
+    finally:
+        proc.stop()
+
+
+def test_a_rotated_consul_token_is_taken_on_reload(
+    tmp_path: Path,
+    consul: ConsulAgent,
+    consul_tokens: ConsulTokens,
+    vault: VaultSetup,
+    known_hosts: Path,
+    people: dict[str, Person],
+    directory_entries: None,
+) -> None:
+    """The operator mints a new bastion token, points the settings at it, sends
+    SIGHUP and revokes the old one: the directory keeps loading."""
+
+    def mint(name: str) -> tuple[Path, str]:
+        secret = str(uuid.uuid4())
+        status, made = consul.api(
+            "PUT",
+            "/v1/acl/token",
+            body={"SecretID": secret, "Policies": [{"Name": "bastion"}], "Description": name},
+        )
+        assert status == 200, made
+        path = tmp_path / f"{name}.token"
+        path.write_text(secret)
+        path.chmod(0o600)
+        return path, str(made["AccessorID"])
+
+    old_token, old_accessor = mint("old")
+    new_token, new_accessor = mint("new")
+    sections = bastion_sections(consul_tokens, consul, known_hosts, vault)
+    sections["consul"]["token_file"] = str(old_token)
+    proc = BastionProcess(tmp_path / "bastion", sections).start()
+    try:
+
+        def rotate(settings: dict[str, Any]) -> None:
+            settings["consul"]["token_file"] = str(new_token)
+
+        record = reload_with(proc, rotate)
+        assert "[consul] token_file" in record["applied"]
+        # the old token is revoked: the directory still follows Consul
+        status, _ = consul.api("DELETE", f"/v1/acl/token/{old_accessor}")
+        assert status == 200
+        consul.kv_put("users/reload-probe", "host-102")
+        proc.wait_synced(consul)
+        assert login(proc, "alice", people["alice"].key).stdout == b"host-102\n"
+        assert "token rejected by Consul" not in proc.log.read_text()
+    finally:
+        proc.stop()
+        consul.kv_delete("users/reload-probe")
+        consul.api("DELETE", f"/v1/acl/token/{new_accessor}")
