@@ -31,10 +31,10 @@ from bastion.events import (
     AuthFailed,
     ChannelEnded,
     ChannelRefused,
-    ConnectionAccepted,
     ConnectionClosed,
     DrainStarted,
     Event,
+    Greeted,
     LoginAccepted,
     OperatorAction,
     Reloaded,
@@ -91,12 +91,15 @@ class AuditLog:
                 message=event.message,
             )
         elif isinstance(event, ConnectionClosed):
-            del fields["authenticated"]  # the outcome says it
+            if not event.greeted:
+                return  # a port probe (Consul's check, a scanner): counted, not audited
+            del fields["authenticated"], fields["greeted"]  # the outcome says them
             fields["auth_failures"] = event.auth_failures or None
             self.record("connection", **fields)
-        elif isinstance(event, ConnectionAccepted):
-            if event.admitted:  # a turned-away flood must not flood the audit log
-                self.record("connect", conn=event.conn, source=event.source)
+        elif isinstance(event, Greeted):
+            # written once the client has shaken hands: a port probe (Consul's
+            # script check, a scanner) that never gets this far is not audited
+            self.record("connect", **fields)
         elif isinstance(event, AuthFailed):
             self.record("auth-failed", **fields)
         elif isinstance(event, LoginAccepted):

@@ -27,6 +27,17 @@ class ConnectionAccepted:
 
 
 @dataclass(frozen=True)
+class Greeted:
+    """The client finished the SSH handshake and names a user: a real login
+    attempt, not a port probe (``client`` is its version string)."""
+
+    conn: str
+    source: str
+    user: str
+    client: str
+
+
+@dataclass(frozen=True)
 class AuthFailed:
     """One failed authentication attempt (``key`` is the offered key's SHA256
     fingerprint for publickey; never a secret)."""
@@ -152,6 +163,8 @@ class ConnectionClosed:
     auth_failures: int
     closed_by: str
     duration_ms: int
+    # False: it never got through the SSH handshake (a port probe, a health check)
+    greeted: bool = True
 
 
 @dataclass(frozen=True)
@@ -199,6 +212,7 @@ class ServerStopped:
 
 Event = (
     ConnectionAccepted
+    | Greeted
     | AuthFailed
     | LoginAccepted
     | SessionStarted

@@ -10,7 +10,8 @@ not up, or draining), for a load balancer or Consul HTTP check.
 The series (deploy/grafana/bastion.json is built on exactly these, and
 tests/test_metrics.py checks it):
 
-``bastion_connections_total``, ``bastion_logins_total{outcome,reason}``,
+``bastion_connections_total``, ``bastion_probes_total``,
+``bastion_logins_total{outcome,reason}``,
 ``bastion_auth_failures_total{method}``, ``bastion_auth_seconds``,
 ``bastion_route_seconds``, ``bastion_sign_seconds``,
 ``bastion_upstream_connect_seconds``, ``bastion_upstream_reused_total``,
@@ -65,6 +66,11 @@ class Metrics:
             "bastion_logins",
             "Login outcomes and refusal reasons",
             ["outcome", "reason"],
+            registry=r,
+        )
+        self.probes = Counter(
+            "bastion_probes",
+            "Connections closed before the SSH handshake named a user (health checks, scans)",
             registry=r,
         )
         self.auth_failures = Counter(
@@ -228,6 +234,8 @@ class Metrics:
             self.channels_active.labels(event.kind).dec()
             self.bytes.labels("up").inc(event.bytes_up)
             self.bytes.labels("down").inc(event.bytes_down)
+        elif isinstance(event, ConnectionClosed) and not event.greeted:
+            self.probes.inc()
         elif isinstance(event, ConnectionClosed) and not event.authenticated:
             self.logins.labels("auth-failed", event.reason or "auth").inc()
 

@@ -17,6 +17,7 @@ import pytest
 from conftest import ConsulTokens, Person, VaultSetup, bastion_sections
 
 import devstack
+from bastion.check import check_ssh_banner
 from devstack import BastionProcess, ConsulAgent, SshdHost, ssh_command
 
 
@@ -68,6 +69,16 @@ def test_one_login_from_connect_to_close(
     conn = closed["conn"]
     events = [r["event"] for r in records_of(own_bastion, conn)]
     assert events == ["connect", "login", "session-start", "session", "connection"], events
+    connect = records_of(own_bastion, conn)[0]
+    assert connect["user"] == "alice" and connect["client"].startswith("SSH-2.0-OpenSSH")
+    # a port probe (what Consul's script check does) leaves no record
+    marker = len(own_bastion.audit_records())
+    code, _ = check_ssh_banner(f"127.0.0.1:{own_bastion.port}", 2)
+    assert code == 0
+    devstack.wait_until(
+        "probe counted", lambda: (own_bastion.metric("bastion_probes_total") or 0) >= 1, 10
+    )
+    assert own_bastion.audit_records()[marker:] == []
     login, start, session = (
         next(r for r in records_of(own_bastion, conn) if r["event"] == name)
         for name in ("login", "session-start", "session")

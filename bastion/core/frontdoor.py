@@ -44,6 +44,7 @@ from bastion.events import (
     ConnectionAccepted,
     ConnectionClosed,
     EventBus,
+    Greeted,
     LoginAccepted,
     LoginRefused,
 )
@@ -181,6 +182,7 @@ class BastionConnection(ChannelRequests):
         self._ctx.events.emit(
             ConnectionClosed(
                 authenticated=self._authenticated,
+                greeted=bool(self.user),
                 conn=self.conn_id,
                 user=self.user or None,
                 source=self.source,
@@ -257,6 +259,9 @@ class BastionConnection(ChannelRequests):
     # -- authentication ------------------------------------------------------
 
     def begin_auth(self, username: str) -> bool:
+        if not self.user and self.conn is not None:
+            client = self.conn.get_extra_info("client_version") or ""
+            self._ctx.events.emit(Greeted(self.conn_id, self.source, username, str(client)))
         self.user = username
         self._forwarding = self._ctx.policy.forwarding(username)
         keys, problem = self._ctx.keys.authorized_keys(
