@@ -49,7 +49,7 @@ from bastion.errors import BastionError, ConfigError
 from bastion.events import EventBus, OperatorAction
 
 if TYPE_CHECKING:  # the command line's side needs no SSH library
-    from bastion.core.frontdoor import LiveConnection
+    from bastion.core.listener import LiveConnection
 
 log = logging.getLogger("bastion.admin")
 

@@ -27,7 +27,8 @@ from bastion.config import (
     read_public_key_lines,
     read_secret_file,
 )
-from bastion.core.frontdoor import BastionServer, ServerContext
+from bastion.core.frontdoor import ServerContext
+from bastion.core.listener import BastionServer
 from bastion.core.upstream import UpstreamConnector, UpstreamPool
 from bastion.credentials import CertificateSigner, VaultClient, build_signer
 from bastion.directory import ConsulDirectory

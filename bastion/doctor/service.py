@@ -11,8 +11,8 @@ from bastion.doctor.api import ConsulAPI
 from bastion.doctor.checks import Context, Report
 
 INSTALL = (
-    "install deploy/consul.d/ssh-bastion.hcl (with the bastion token) in the agent's "
-    "config directory and `consul reload` (deploy/README-operators.md, 3.)"
+    "bastion register --config FILE --consul-config-dir /etc/consul.d "
+    "(then `systemctl reload consul`; deploy/README-operators.md, 3.)"
 )
 
 
