@@ -447,6 +447,31 @@ def test_agent_members_is_only_node_read(kit: Kit) -> None:
     assert [m["Name"] for m in members] == ["consul-dev"]
 
 
+def test_bastion_token_drains_only_its_own_service(kit: Kit) -> None:
+    """What a drain needs (bastion/service.py): maintenance mode of its own
+    service through the local agent, and nothing else: not another service's,
+    not the node's."""
+    agent = kit.agent
+    own = {"ID": "ssh-bastion-drain", "Name": "ssh-bastion", "Port": 2299}
+    other = {"ID": "web-1", "Name": "web", "Port": 80}
+    for service in (own, other):
+        status, body = agent.api("PUT", "/v1/agent/service/register", body=service)
+        assert status == 200, body
+    try:
+        on = "/v1/agent/service/maintenance/{}?enable=true&reason=drain"
+        assert kit.call("bastion", "PUT", on.format("ssh-bastion-drain"))[0] == 200
+        status, passing = kit.call("bastion", "GET", "/v1/health/service/ssh-bastion?passing=1")
+        assert status == 200
+        assert "ssh-bastion-drain" not in {e["Service"]["ID"] for e in passing or []}
+        assert kit.call("bastion", "PUT", on.format("web-1"))[0] == 403
+        assert kit.call("bastion", "PUT", "/v1/agent/maintenance?enable=true")[0] == 403
+        off = "/v1/agent/service/maintenance/ssh-bastion-drain?enable=false"
+        assert kit.call("bastion", "PUT", off)[0] == 200
+    finally:
+        for service in (own, other):
+            agent.api("PUT", f"/v1/agent/service/deregister/{service['ID']}")
+
+
 def test_agent_reload_token_reloads_and_what_else_agent_write_means(kit: Kit) -> None:
     """`consul reload` works with the agent-reload token (what `bastion register
     --reload-token-file` runs). Agent write on the node cannot be split: it also

@@ -157,3 +157,51 @@ def test_a_rotated_consul_token_is_taken_on_reload(
         proc.stop()
         consul.kv_delete("users/reload-probe")
         consul.api("DELETE", f"/v1/acl/token/{new_accessor}")
+
+
+def test_a_rotated_approle_secret_id_is_taken_on_reload(
+    tmp_path: Path,
+    consul: ConsulAgent,
+    consul_tokens: ConsulTokens,
+    vault: VaultSetup,
+    known_hosts: Path,
+    people: dict[str, Person],
+    directory_entries: None,
+) -> None:
+    """The operator writes a new secret_id into the same file and sends SIGHUP:
+    the bastion logs in with it at once; the old one can then be destroyed."""
+    creds = tmp_path / "vault"
+    creds.mkdir()
+    for name in ("role_id", "secret_id"):
+        (creds / name).write_text((vault.out / name).read_text())
+        (creds / name).chmod(0o600)
+    sections = bastion_sections(consul_tokens, consul, known_hosts, vault)
+    sections["vault"]["role_id_file"] = str(creds / "role_id")
+    sections["vault"]["secret_id_file"] = str(creds / "secret_id")
+    sections["upstream"]["reuse_idle"] = 0  # every login signs a certificate
+    proc = BastionProcess(tmp_path / "bastion", sections).start()
+    try:
+        old_secret = (creds / "secret_id").read_text().strip()
+        status, made = devstack.http_json(
+            "POST",
+            f"{vault.addr}/v1/auth/approle/role/bastion/secret-id",
+            token=vault.root_token,
+            body={},
+        )
+        assert status == 200, made
+        (creds / "secret_id").write_text(made["data"]["secret_id"])
+        logins = proc.log.read_text().count("vault: logged in with AppRole")
+        record = reload_with(proc, lambda settings: None)
+        assert "[vault] AppRole credentials" in record["applied"]
+        assert proc.log.read_text().count("vault: logged in with AppRole") == logins + 1
+        status, _ = devstack.http_json(
+            "POST",
+            f"{vault.addr}/v1/auth/approle/role/bastion/secret-id/destroy",
+            token=vault.root_token,
+            body={"secret_id": old_secret},
+        )
+        assert status in (200, 204)
+        assert login(proc, "alice", people["alice"].key).stdout == b"host-102\n"
+        assert old_secret not in proc.log.read_text()
+    finally:
+        proc.stop()
