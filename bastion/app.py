@@ -187,6 +187,7 @@ class Application:
             lambda: sum(1 for c in registry.live if c.authenticated)
         )
         await self.server.start()
+        await self._leave_maintenance()
         # bastion sessions / kill; after the listener, so that a bastion that
         # cannot start never touches another one's admin socket
         if s.admin.socket_path is not None:
@@ -202,6 +203,17 @@ class Application:
         self.metrics.health(lambda: (server.listening and directory.ready, self.draining))
         if s.metrics.listen:
             await self.metrics.start_server(s.metrics.listen)
+
+    async def _leave_maintenance(self) -> None:
+        """A bastion that starts serves: take its service out of maintenance
+        mode, where a drain before a restart left it (best effort)."""
+        if self.own_service is None:
+            return
+        try:
+            if await self.own_service.maintenance(False):
+                log.info("service %s is in service (maintenance mode off)", self.own_service.id)
+        except BastionError as exc:
+            log.warning("could not check maintenance mode in Consul: %s", exc.detail)
 
     async def reload(self) -> None:
         """SIGHUP: read the settings file again and apply what can change live.
@@ -316,7 +328,7 @@ class Application:
             self.pool.close()  # idle upstream connections now, the rest after the drain
         if self.server is not None:
             counts = await self.server.stop(drain_timeout)
-            if not self._stop_reported:
+            if not self._stop_reported:  # a drain reported its own counts
                 self.events.emit(ServerStopped(counts["drained"], counts["closed"]))
         if self.recorder is not None:  # after the drain: every recorded session has ended
             await asyncio.to_thread(self.recorder.close)
@@ -428,14 +440,21 @@ async def serve(settings: Settings, drain_timeout: float | None = None) -> None:
     loop.add_signal_handler(signal.SIGTERM, on_term)
     loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(app.reload()))
     loop.add_signal_handler(signal.SIGINT, now.set)
-    app.on_drain = drain.set  # `bastion drain` through the admin socket
+    why = ["SIGTERM"]
+
+    def on_admin_drain() -> None:  # `bastion drain` through the admin socket
+        if not drain.is_set():
+            why[0] = "bastion drain (admin socket)"
+        drain.set()
+
+    app.on_drain = on_admin_drain
     try:
         await app.start()
         waiting = [asyncio.ensure_future(drain.wait()), asyncio.ensure_future(now.wait())]
         await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         if drain.is_set() and not now.is_set():
             log.info("draining (a second SIGTERM ends at once)")
-            draining = asyncio.ensure_future(app.drain(drain_timeout, why="SIGTERM"))
+            draining = asyncio.ensure_future(app.drain(drain_timeout, why=why[0]))
             ending = asyncio.ensure_future(now.wait())
             await asyncio.wait([draining, ending], return_when=asyncio.FIRST_COMPLETED)
             if not draining.done():

@@ -8,6 +8,7 @@ bastion register --config FILE --consul-config-dir DIR
 bastion replay SESSION --config FILE  play a session recording ([recording] dir)
 bastion sessions [--json]        the live sessions (over the admin socket)
 bastion kill CONN | --user NAME  end live sessions, with a notice to the person
+bastion drain                    drain this bastion, as SIGTERM does (over the admin socket)
 bastion doctor --config FILE     is this deployment safe? a PASS/WARN/FAIL table
 bastion demo                     a local stack to try (see README)
 """

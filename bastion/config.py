@@ -355,6 +355,9 @@ def _validate(s: Settings, label: str) -> None:
         split_host_port(s.server.listen, 2222)
     except ValueError as exc:
         raise bad(f"[server] listen: {exc}") from None
+    for key in ("max_sessions", "max_channels", "max_auth_attempts", "max_unauthenticated"):
+        if getattr(s.server, key) < 1:
+            raise bad(f"[server] {key}: must be at least 1 (0 would refuse everyone)")
     if s.server.log_level is not None and s.server.log_level.upper() not in LOG_LEVELS:
         raise bad(f"[server] log_level: one of {', '.join(LOG_LEVELS)}")
     if not s.server.host_keys:

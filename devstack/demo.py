@@ -121,7 +121,8 @@ def run_demo(workdir: Path | None, port: int, bastions: int = 1) -> int:
             one = BastionProcess(
                 base / ("bastion" if i == 0 else f"bastion-{i + 1}"),
                 {
-                    "server": {"auth_methods": ["publickey"]},
+                    # a drain (SIGTERM) gives live sessions two minutes here
+                    "server": {"auth_methods": ["publickey"], "drain_timeout": 120},
                     "consul": {
                         "address": consul.http_addr,
                         "token_file": str(tokens / "bastion.token"),

@@ -111,6 +111,9 @@ def test_drain_leaves_consul_then_lets_transfers_finish(
         stop = next(r for r in records if r["event"] == "stop")
         assert stop == {**stop, "drained": 2, "closed": 0}
         assert [r["outcome"] for r in records if r["event"] == "session"] == ["ok", "ok"]
+        # started again, it takes itself out of maintenance mode: offered again
+        proc.start()
+        devstack.wait_until("back in consul", lambda: service_id in passing_ids(consul), 15)
     finally:
         proc.stop()
         consul.api("PUT", f"/v1/agent/service/deregister/{service_id}")
@@ -140,7 +143,9 @@ def test_sessions_past_the_drain_timeout_are_closed_with_a_notice(
         assert b"this bastion is being drained" in err
         assert b"this bastion was drained; log in again to reach another one" in err
         closed = proc.wait_audit(lambda r: r["event"] == "connection" and r.get("user") == "alice")
-        assert closed["reason"] == "drained"
+        assert closed["reason"] == "drained" and closed["outcome"] == "ended"
+        session = proc.wait_audit(lambda r: r["event"] == "session")
+        assert session["outcome"] == "error" and session["reason"] == "drained"
         stop = proc.wait_audit(lambda r: r["event"] == "stop")
         assert stop["closed"] == 1
     finally:

@@ -306,7 +306,7 @@ class ChannelRequests(asyncssh.SSHServer):
             kind,
             self.user,
             self.source,
-            printable(target),
+            printable(target) or "-",
             printable(exc.detail, 400),
         )
         self._ctx.events.emit(

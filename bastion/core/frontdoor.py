@@ -26,7 +26,7 @@ from bastion.config import ServerSettings
 from bastion.core import refusal
 from bastion.core.channels import ChannelRequests
 from bastion.core.relay import SessionTap
-from bastion.core.sshd_compat import count_auth_failures, handle_no_more_sessions
+from bastion.core.sshd_compat import count_auth_failures, handle_no_more_sessions, turn_away
 from bastion.core.upstream import UpstreamLease
 from bastion.errors import (
     BastionError,
@@ -150,10 +150,14 @@ class BastionConnection(ChannelRequests):
             # returns): a disconnect packet before it is garbage to the client
             # ("banner line contains invalid characters"); after it, OpenSSH
             # prints "Received disconnect ...: too many ..." and exits 255
+            self._refusal = TooManyConnections(
+                "too many unauthenticated connections, try again later"
+            )
             asyncio.get_running_loop().call_soon(
-                self._disconnect,
-                TooManyConnections("too many unauthenticated connections, try again later"),
+                turn_away,
+                conn,
                 asyncssh.DISC_TOO_MANY_CONNECTIONS,
+                f"bastion: {self._refusal.user_message}",
             )
             return
         self._counted_unauth = True
@@ -172,11 +176,12 @@ class BastionConnection(ChannelRequests):
                 lease.release()
         # one record per connection, also after channels had theirs: how it
         # ended, and (for a refusal) why
-        outcome = (
-            "refused"
-            if self._refusal
-            else ("authenticated" if self._authenticated else "auth-failed")
-        )
+        if isinstance(self._refusal, SessionEnded):
+            outcome = "ended"  # authenticated, then ended by an operator or a drain
+        elif self._refusal:
+            outcome = "refused"
+        else:
+            outcome = "authenticated" if self._authenticated else "auth-failed"
         if isinstance(self._refusal, TooManyConnections):
             return  # turned away at the door: a flood must not flood the audit log
         self._ctx.events.emit(
@@ -240,8 +245,12 @@ class BastionConnection(ChannelRequests):
         return self._plan
 
     def end(self, why: str, error: type[SessionEnded] = SessionEnded) -> None:
-        """End this connection on an operator's word; the person reads ``why``."""
-        self._disconnect(error(why))
+        """End this connection on an operator's word; the person reads ``why``.
+        Its open channels' records say so (not "ok")."""
+        exc = error(why)
+        for stats in self.open_channels:
+            stats.error = stats.error or exc
+        self._disconnect(exc)
 
     def notice(self, text: str) -> None:
         """One line on the terminal of each of its open sessions."""

@@ -89,6 +89,7 @@ class BastionServer:
         self.registry = ConnectionRegistry(ctx.settings.max_unauthenticated)
         self._acceptor: asyncssh.SSHAcceptor | None = None
         self._stopping = False
+        self._drained = False
 
     @property
     def port(self) -> int:
@@ -181,7 +182,7 @@ class BastionServer:
             self._acceptor.close()
             log.info("no longer accepting connections")
 
-    async def drain(self, timeout: float, warn_before: float = 60.0) -> dict[str, int]:
+    async def drain(self, timeout: float, warn_before: float | None = None) -> dict[str, int]:
         """Stop accepting, tell every live session, let them finish within
         ``timeout`` seconds (a second notice ``warn_before`` seconds before the
         end), then close the rest with a disconnect that says why. Returns
@@ -194,7 +195,9 @@ class BastionServer:
                 f"this bastion is being drained for maintenance; your session may go on "
                 f"for up to {minutes}, new logins go to another bastion"
             )
-        first = max(timeout - warn_before, 0.0)
+        # the second notice a minute before the end (half-way for short drains)
+        warn = min(60.0, timeout / 2) if warn_before is None else warn_before
+        first = max(timeout - warn, 0.0)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.registry.empty.wait(), first)
         if self.registry.live and timeout > first:
@@ -209,6 +212,7 @@ class BastionServer:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.registry.empty.wait(), 5)
         counts = {"drained": before - len(left), "closed": len(left)}
+        self._drained = True
         log.info("drained: %(drained)d connections finished, %(closed)d closed", counts)
         return counts
 
@@ -230,5 +234,6 @@ class BastionServer:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._acceptor.wait_closed(), 5)
         counts = {"drained": before - len(left), "closed": len(left)}
-        log.info("stopped: %(drained)d connections finished, %(closed)d closed", counts)
+        if before or not self._drained:  # after a drain, its own line said it all
+            log.info("stopped: %(drained)d connections finished, %(closed)d closed", counts)
         return counts

@@ -25,6 +25,7 @@ public callbacks, each kept here, small, and covered by end-to-end tests
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any, Protocol, cast
 
@@ -139,3 +140,21 @@ def handle_no_more_sessions(
 
     # asyncssh dispatches global requests by looking up this method name
     conn._process_no_more_sessions_at_openssh_dot_com_global_request = handler  # type: ignore[attr-defined]
+
+
+# how long a turned-away connection may stay open for its client to read the
+# disconnect message and close first
+TURN_AWAY_LINGER = 2.0
+
+
+def turn_away(conn: asyncssh.SSHServerConnection, code: int, reason: str) -> None:
+    """Send a disconnect, and close only once the client has (or after
+    :data:`TURN_AWAY_LINGER` seconds).
+
+    asyncssh's ``disconnect()`` aborts the socket at once; with the client's
+    version line and KEXINIT still unread, the kernel answers with a reset and
+    the client may never read the message (it then prints nothing at
+    LogLevel=ERROR). An OpenSSH client exits on the disconnect and closes.
+    """
+    cast(Any, conn)._send_disconnect(code, reason, "en-US")
+    asyncio.get_running_loop().call_later(TURN_AWAY_LINGER, conn.abort)

@@ -80,8 +80,10 @@ async def check(ctx: Context, api: ConsulAPI, report: Report) -> ServiceState:
         reason = _dict(checks[maint_id]).get("Notes") or "no reason given"
         report.warn(
             "service: health",
-            f"{name} is in maintenance mode ({reason}): not offered to clients",
-            f"when done: consul maint -disable -service {sid}",
+            f"{name} is in maintenance mode ({reason}): not offered to clients "
+            "(a drained bastion leaves it when it starts again)",
+            "restart the bastion, or with the bastion's own token: "
+            f"CONSUL_HTTP_TOKEN=$(cat TOKEN_FILE) consul maint -disable -service {sid}",
         )
     elif not mine:
         report.warn(
