@@ -170,10 +170,23 @@ def test_a_rotated_approle_secret_id_is_taken_on_reload(
 ) -> None:
     """The operator writes a new secret_id into the same file and sends SIGHUP:
     the bastion logs in with it at once; the old one can then be destroyed."""
+
+    def new_secret_id() -> str:
+        status, made = devstack.http_json(
+            "POST",
+            f"{vault.addr}/v1/auth/approle/role/bastion/secret-id",
+            token=vault.root_token,
+            body={},
+        )
+        assert status == 200, made
+        return str(made["data"]["secret_id"])
+
     creds = tmp_path / "vault"
     creds.mkdir()
+    # secret ids of this test's own: the session's stays valid for the others
+    (creds / "role_id").write_text((vault.out / "role_id").read_text())
+    (creds / "secret_id").write_text(new_secret_id())
     for name in ("role_id", "secret_id"):
-        (creds / name).write_text((vault.out / name).read_text())
         (creds / name).chmod(0o600)
     sections = bastion_sections(consul_tokens, consul, known_hosts, vault)
     sections["vault"]["role_id_file"] = str(creds / "role_id")
@@ -182,14 +195,7 @@ def test_a_rotated_approle_secret_id_is_taken_on_reload(
     proc = BastionProcess(tmp_path / "bastion", sections).start()
     try:
         old_secret = (creds / "secret_id").read_text().strip()
-        status, made = devstack.http_json(
-            "POST",
-            f"{vault.addr}/v1/auth/approle/role/bastion/secret-id",
-            token=vault.root_token,
-            body={},
-        )
-        assert status == 200, made
-        (creds / "secret_id").write_text(made["data"]["secret_id"])
+        (creds / "secret_id").write_text(new_secret_id())
         logins = proc.log.read_text().count("vault: logged in with AppRole")
         record = reload_with(proc, lambda settings: None)
         assert "[vault] AppRole credentials" in record["applied"]
