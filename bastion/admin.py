@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from bastion.config import AdminSettings
-from bastion.errors import BastionError, ConfigError
+from bastion.errors import BastionError, ConfigError, printable
 from bastion.events import EventBus, OperatorAction
 
 if TYPE_CHECKING:  # the command line's side needs no SSH library
@@ -313,8 +313,8 @@ class AdminServer:
 
     def _handle(self, line: bytes, peer: Peer) -> dict[str, Any]:
         try:
-            request = json.loads(line)
-        except ValueError:  # UnicodeDecodeError included
+            request = json.loads(line)  # RecursionError: a deeply nested array
+        except (ValueError, RecursionError):  # UnicodeDecodeError included
             return _error("not a JSON request")
         if not isinstance(request, dict):
             return _error("a request is a JSON object with an 'op'")
@@ -359,7 +359,13 @@ class AdminServer:
         ended = self._sessions.end(conn=conn, user=user, why=why)
         target = conn if conn is not None else f"user:{user}"
         self._events.emit(OperatorAction("kill", target, tuple(ended), str(peer), why))
-        log.warning("%s ended %d connection(s) of %s: %s", peer, len(ended), target, why)
+        log.warning(
+            "%s ended %d connection(s) of %s: %s",
+            peer,
+            len(ended),
+            printable(target),
+            printable(why),
+        )
         return {
             "ok": True,
             "ended": [dataclasses.asdict(before[c]) if c in before else {"conn": c} for c in ended],

@@ -250,6 +250,10 @@ class Application:
             log.error("reload: %s; still serving with the previous settings", exc.detail)
             self.events.emit(Reloaded((), (), exc.user_message))
             return
+        except Exception as exc:  # a reload must never take the bastion down
+            log.exception("reload failed; still serving with the previous settings")
+            self.events.emit(Reloaded((), (), f"{type(exc).__name__}: {exc}"))
+            return
         restart = _needs_restart(old, new)
         changed = _live_changes(old, new)
         if secret_changed:
@@ -434,8 +438,12 @@ async def serve(settings: Settings, drain_timeout: float | None = None) -> None:
     now = asyncio.Event()
     loop = asyncio.get_running_loop()
 
+    terms = [0]
+
     def on_term() -> None:
-        (now if drain.is_set() else drain).set()
+        # the first SIGTERM drains (also after `bastion drain`); a second ends at once
+        terms[0] += 1
+        (now if terms[0] > 1 else drain).set()
 
     loop.add_signal_handler(signal.SIGTERM, on_term)
     loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(app.reload()))

@@ -22,6 +22,7 @@ import dataclasses
 import json
 import logging
 import logging.handlers
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -71,7 +72,9 @@ class AuditLog:
             if self._path == "-":
                 self._stream = sys.stderr
             else:
-                self._stream = open(self._path, "a", encoding="utf-8")  # noqa: SIM115
+                # 0600 like the recordings: the records hold every command as sent
+                fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                self._stream = os.fdopen(fd, "a", encoding="utf-8")
         return self._stream
 
     def handle(self, event: Event) -> None:

@@ -477,12 +477,19 @@ def read_secret_file(path: Path, what: str) -> str:
         st = path.stat()
     except OSError as exc:
         raise ConfigError(f"{what}: cannot read {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):  # a FIFO would block the event loop
+        raise ConfigError(f"{what}: {path} is not a regular file")
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise ConfigError(
             f"{what}: {path} is mode {stat.S_IMODE(st.st_mode):o}; "
             "it must not be readable by group or others (chmod 600)"
         )
-    value = path.read_text().strip()
+    try:
+        value = path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what}: {path} is not text") from None
     if not value:
         raise ConfigError(f"{what}: {path} is empty")
     return value

@@ -177,3 +177,9 @@ class Drained(SessionEnded):
     """A drain ended a live connection at the end of ``drain_timeout``."""
 
     reason = "drained"
+
+
+class ShutDown(SessionEnded):
+    """The bastion stopped at once (SIGINT, a second SIGTERM) with the connection open."""
+
+    reason = "shutdown"

@@ -28,11 +28,11 @@ tests/test_metrics.py checks it):
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from collections.abc import Callable, Sequence
 
-from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
@@ -48,6 +48,13 @@ from bastion.events import (
     LoginAccepted,
     LoginRefused,
 )
+
+# the HTTP endpoint's bounds: clients at once, seconds per connection, and
+# the longest request line or header and how many headers are read
+HTTP_CLIENTS = 16
+HTTP_DEADLINE = 5.0
+HTTP_LINE_MAX = 8192
+HTTP_HEADERS_MAX = 64
 
 # seconds: a login's steps take milliseconds; a slow Vault or host seconds
 _STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -170,7 +177,8 @@ class Metrics:
         self.ready = Gauge("bastion_ready", "1 while the bastion serves logins", registry=r)
         self.draining = Gauge("bastion_draining", "1 while the bastion drains", registry=r)
         self.vault_ttl.set(-1)
-        self._runner: web.AppRunner | None = None
+        self._http: asyncio.Server | None = None
+        self._http_clients = 0
         self._health: Callable[[], tuple[bool, bool]] = lambda: (False, False)
 
     # -- state read at scrape time ---------------------------------------
@@ -242,28 +250,61 @@ class Metrics:
     # -- the HTTP endpoint -------------------------------------------------
 
     async def start_server(self, listen: str) -> None:
-        """Serve /metrics and /health on ``listen`` (host:port) from the event loop."""
+        """Serve /metrics and /health on ``listen`` (host:port) from the event loop.
+
+        A deliberately small HTTP/1.1 responder (one request per connection)
+        rather than a general web server: every connection has a deadline
+        (:data:`HTTP_DEADLINE` seconds for the request, headers included, and
+        for the answer) and at most :data:`HTTP_CLIENTS` are served at once,
+        so a local user holding half-sent requests can neither pin file
+        descriptors nor slow logins. prometheus_client writes the page."""
         host, port = split_host_port(listen, 9102)
-        app = web.Application()
-        app.router.add_get("/metrics", self._metrics)
-        app.router.add_get("/health", self._health_page)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, host or None, port, reuse_address=True).start()
+        self._http = await asyncio.start_server(
+            self._serve_http, host or None, port, reuse_address=True, limit=HTTP_LINE_MAX
+        )
 
     async def stop_server(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        if self._http is not None:
+            self._http.close()
+            self._http = None
 
-    async def _metrics(self, _request: web.Request) -> web.Response:
-        body = generate_latest(self.registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    async def _health_page(self, _request: web.Request) -> web.Response:
-        ready, draining = self._health()
-        return web.Response(
-            status=200 if ready and not draining else 503,
-            text=json.dumps({"ready": ready, "draining": draining}),
-            content_type="application/json",
-        )
+    async def _serve_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._http_clients >= HTTP_CLIENTS:
+            writer.close()
+            return
+        self._http_clients += 1
+        try:
+            async with asyncio.timeout(HTTP_DEADLINE):
+                line = await reader.readline()
+                for _ in range(HTTP_HEADERS_MAX):  # the headers, ignored
+                    if (await reader.readline()) in (b"\r\n", b"\n", b""):
+                        break
+                parts = line.decode("latin-1").split()
+                path = parts[1].split("?", 1)[0] if len(parts) >= 2 else ""
+                if len(parts) < 2 or parts[0] != "GET":
+                    status, ctype, body = "405 Method Not Allowed", "text/plain", b"GET only\n"
+                elif path == "/metrics":
+                    status, ctype, body = (
+                        "200 OK",
+                        CONTENT_TYPE_LATEST,
+                        generate_latest(self.registry),
+                    )
+                elif path == "/health":
+                    ready, draining = self._health()
+                    ok = ready and not draining
+                    status = "200 OK" if ok else "503 Service Unavailable"
+                    ctype = "application/json"
+                    body = json.dumps({"ready": ready, "draining": draining}).encode()
+                else:
+                    status, ctype, body = "404 Not Found", "text/plain", b"/metrics or /health\n"
+                head = (
+                    f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
+                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+                )
+                writer.write(head.encode() + body)
+                await writer.drain()
+        except (TimeoutError, ValueError, ConnectionError, asyncio.IncompleteReadError):
+            pass  # a slow, odd or vanished client: nothing to answer
+        finally:
+            self._http_clients -= 1
+            writer.close()

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -15,6 +17,7 @@ import pytest
 from conftest import ConsulTokens, Person, bastion_sections
 from prometheus_client.parser import text_string_to_metric_families
 
+import devstack
 from devstack import BastionProcess, ConsulAgent, free_port, ssh_command
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "bastion.json"
@@ -114,3 +117,37 @@ def test_dashboard_queries_name_exported_series(
         assert names, expr
         missing = names - exported
         assert not missing, f"{expr}: {sorted(missing)} are not exported"
+
+
+def test_half_sent_requests_cannot_pin_the_metrics_endpoint(bastion: BastionProcess) -> None:
+    """A local user holding many half-sent requests: each is cut at the
+    deadline, the endpoint keeps answering, and they hold nothing after."""
+    held = []
+    for _ in range(40):
+        s = socket.create_connection(("127.0.0.1", bastion.metrics_port), timeout=10)
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # never finished
+        held.append(s)
+    try:
+        # over the concurrent bound: refused at once, not queued behind the others
+        devstack.wait_until(
+            "health answers",
+            lambda: (
+                urllib.request.urlopen(
+                    f"http://127.0.0.1:{bastion.metrics_port}/health", timeout=10
+                ).status
+                == 200
+            ),
+            15,
+        )
+        # each half-sent request is closed at its deadline (5 s)
+        started = time.monotonic()
+        for s in held:
+            s.settimeout(15)
+            try:
+                assert s.recv(100) == b""
+            except ConnectionResetError:
+                pass  # closed with the half-sent request unread: a reset
+        assert time.monotonic() - started < 12
+    finally:
+        for s in held:
+            s.close()

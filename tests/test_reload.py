@@ -211,3 +211,32 @@ def test_a_rotated_approle_secret_id_is_taken_on_reload(
         assert old_secret not in proc.log.read_text()
     finally:
         proc.stop()
+
+
+def test_an_unreadable_token_file_on_reload_changes_nothing(
+    tmp_path: Path,
+    consul: ConsulAgent,
+    consul_tokens: ConsulTokens,
+    vault: VaultSetup,
+    known_hosts: Path,
+    people: dict[str, Person],
+    directory_entries: None,
+) -> None:
+    proc = BastionProcess(
+        tmp_path / "bastion", bastion_sections(consul_tokens, consul, known_hosts, vault)
+    ).start()
+    try:
+        for bad in (tmp_path / "a-directory", tmp_path / "a-fifo"):
+            if bad.name == "a-directory":
+                bad.mkdir()
+            else:
+                os.mkfifo(bad)
+            bad.chmod(0o600)
+            record = reload_with(
+                proc, lambda settings, b=bad: settings["consul"].update(token_file=str(b))
+            )
+            assert "not a regular file" in record["error"], record
+        assert "Traceback" not in proc.log.read_text()
+        assert login(proc, "alice", people["alice"].key).stdout == b"host-102\n"
+    finally:
+        proc.stop()

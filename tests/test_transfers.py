@@ -326,7 +326,7 @@ def test_scp_upload_and_download(
     # relayed to host-102 as a session: the sftp subsystem, or (legacy) an
     # exec of the host's own `scp -t`
     sessions = new_session_records(bastion, seen)
-    assert {r["request"] for r in sessions} == {"subsystem:sftp" if mode == "sftp" else "exec"}
+    assert {r["request"] for r in sessions} == {"subsystem" if mode == "sftp" else "exec"}
     assert {str(r["upstream"]).split()[0] for r in sessions} == {"host-102"}
 
     # a single file to a new name, and the tree back

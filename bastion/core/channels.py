@@ -186,7 +186,7 @@ class ChannelRequests(asyncssh.SSHServer):
                     command=_shown(command)[0],
                     command_base64=_shown(command)[1],
                     subsystem=_shown(subsystem)[0] or _shown(subsystem)[1],
-                    term=term,
+                    term=None if term is None else printable(term, 64),
                 )
             ),
             make_tap=(

@@ -16,7 +16,7 @@ from typing import Any
 import asyncssh
 
 from bastion.core.frontdoor import BastionConnection, ServerContext
-from bastion.errors import ConfigError, Drained
+from bastion.errors import ConfigError, Drained, ShutDown
 
 log = logging.getLogger("bastion.frontdoor")
 
@@ -230,7 +230,7 @@ class BastionServer:
         left = list(self.registry.live)
         for bconn in left:
             if bconn.conn is not None:
-                bconn.conn.close()
+                bconn.end("the bastion is shutting down; log in again", ShutDown)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._acceptor.wait_closed(), 5)
         counts = {"drained": before - len(left), "closed": len(left)}

@@ -11,6 +11,7 @@ import queue
 import re
 import stat
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -53,7 +54,7 @@ class _Recording:
     """One session's file. ``file``, ``written`` belong to the writer thread;
     ``failed`` is set there and read by the tap (a plain flag)."""
 
-    __slots__ = ("failed", "file", "name", "path", "written")
+    __slots__ = ("closed", "failed", "file", "name", "path", "started", "written")
 
     def __init__(self, name: str, path: Path) -> None:
         self.name = name
@@ -61,6 +62,8 @@ class _Recording:
         self.file: IO[bytes] | None = None
         self.written = 0
         self.failed = False
+        self.closed = False  # the session has ended (its close event was handled)
+        self.started = time.monotonic()
 
 
 class _Writer:
@@ -169,6 +172,7 @@ class _Writer:
             self._write(rec, data)
             dirty.add(rec)
         if kind == _CLOSE:
+            rec.closed = True
             self._finish(rec)
             dirty.discard(rec)
 
@@ -202,6 +206,15 @@ class _Writer:
         if self._total + len(data) > self._max_total:
             self._make_room(len(data))
             if self._total + len(data) > self._max_total:
+                # a last marker line (a little over the cap), then this file stops
+                marker = _line(
+                    time.monotonic() - rec.started, "m", "recording stopped: max_total_bytes"
+                )
+                with contextlib.suppress(OSError):
+                    assert rec.file is not None
+                    rec.file.write(marker)
+                    rec.written += len(marker)
+                    self._total += len(marker)
                 self._fail(
                     rec,
                     "error-total-cap",
@@ -248,6 +261,9 @@ class _Writer:
     def _finish(self, rec: _Recording) -> None:
         f, rec.file = rec.file, None
         if f is None:
+            if rec.closed and rec.failed and rec.path not in self._finished and rec.written:
+                # stopped early, its session now over: removable from here on
+                self._finished[rec.path] = rec.written
             return
         self._live.discard(rec)
         try:
@@ -259,5 +275,6 @@ class _Writer:
                 log.error(
                     "recording of session %s: %s: %s", rec.name, rec.path, exc.strerror or exc
                 )
-        self._finished[rec.path] = rec.written
+        if rec.closed:  # a file whose session still runs is never removed for room
+            self._finished[rec.path] = rec.written
         log.info("recording of session %s finished: %s (%d bytes)", rec.name, rec.path, rec.written)
