@@ -88,7 +88,7 @@ class Application:
         self.metrics = Metrics()
         self.audit = AuditLog(
             settings.audit.file,
-            syslog=settings.audit.syslog,
+            syslog=settings.audit.syslog_socket if settings.audit.syslog else None,
             on_error=self.metrics.audit_errors.inc,
         )
         self.events = EventBus()

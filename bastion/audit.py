@@ -11,8 +11,10 @@ Credentials and tokens are never in an event, so they cannot leak.
 A record that cannot be written (disk full, file removed or unwritable) is
 counted (``bastion_audit_write_errors_total``) and logged at ERROR at most
 once a minute; it never blocks or breaks a login or a relay. With
-``[audit] syslog = true`` every record also goes to the local syslog socket
-(``/dev/log``, which journald reads) with the tag ``bastion-audit``.
+``[audit] syslog = true`` every record also goes, one datagram each, to the
+local syslog socket (``[audit] syslog_socket``, default ``/dev/log``, which
+journald reads) as ``<authpriv.info>bastion-audit: {json}`` (RFC 3164); a
+socket that is missing or full loses the datagram, counted like a file error.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ import contextlib
 import dataclasses
 import json
 import logging
-import logging.handlers
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import IO, Any
 
 from bastion.events import (
@@ -46,6 +49,7 @@ from bastion.events import (
 log = logging.getLogger("bastion.audit")
 
 _ERROR_EVERY = 60.0  # seconds between ERROR lines about a failing audit file
+_AUTHPRIV_INFO = 10 * 8 + 6  # syslog facility authpriv, severity info (RFC 3164)
 
 
 class AuditLog:
@@ -55,17 +59,20 @@ class AuditLog:
         self,
         file: str = "-",
         *,
-        syslog: bool = False,
+        syslog: Path | None = None,
         on_error: Callable[[], None] | None = None,
     ) -> None:
         self._path = file
         self._on_error = on_error
         self._last_error = 0.0
         self._stream: IO[str] | None = None
-        self._syslog: logging.Handler | None = None
-        if syslog:
-            self._syslog = logging.handlers.SysLogHandler(address="/dev/log")
-            self._syslog.ident = "bastion-audit: "
+        # a datagram per record to the syslog socket, RFC 3164 framing:
+        # <authpriv.info>tag: message (journald and rsyslog read it)
+        self._syslog_path = syslog
+        self._syslog: socket.socket | None = None
+        if syslog is not None:
+            self._syslog = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self._syslog.setblocking(False)  # a full socket buffer drops, never waits
 
     def _open(self) -> IO[str]:
         if self._stream is None:
@@ -133,20 +140,29 @@ class AuditLog:
         except (OSError, ValueError) as exc:
             self._failed(exc)
         if self._syslog is not None:
-            self._syslog.emit(logging.makeLogRecord({"msg": line, "levelno": logging.INFO}))
+            try:
+                self._syslog.sendto(
+                    f"<{_AUTHPRIV_INFO}>bastion-audit: {line}".encode(), str(self._syslog_path)
+                )
+            except OSError as exc:
+                self._failed(exc, f"syslog {self._syslog_path}")
 
-    def _failed(self, exc: Exception) -> None:
+    def _failed(self, exc: Exception, where: str | None = None) -> None:
         if self._on_error is not None:
             self._on_error()
         # a file that failed may be reopened (deleted, or space freed)
-        if self._stream is not None and self._stream is not sys.stderr:
+        if where is None and self._stream is not None and self._stream is not sys.stderr:
             with contextlib.suppress(OSError):
                 self._stream.close()
             self._stream = None
         now = time.monotonic()
         if now - self._last_error >= _ERROR_EVERY:
             self._last_error = now
-            log.error("cannot write the audit log %s: %s (records are being lost)", self._path, exc)
+            log.error(
+                "cannot write the audit log %s: %s (records are being lost)",
+                where or self._path,
+                exc,
+            )
 
     def close(self) -> None:
         if self._stream is not None and self._stream is not sys.stderr:
@@ -154,3 +170,4 @@ class AuditLog:
         self._stream = None
         if self._syslog is not None:
             self._syslog.close()
+            self._syslog = None

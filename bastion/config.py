@@ -139,8 +139,9 @@ class UpstreamSettings:
 class AuditSettings:
     # JSON lines; "-" is stderr
     file: str = "-"
-    # also send every record to the local syslog socket (/dev/log; journald)
+    # also send every record to the local syslog socket (journald reads /dev/log)
     syslog: bool = False
+    syslog_socket: Path = Path("/dev/log")
 
 
 @dataclass(frozen=True)

@@ -78,7 +78,8 @@ class BastionProcess:
             "drain_timeout": 3,
         }
         server.update(self.sections.get("server", {}))
-        sections = {**self.sections, "server": server, "audit": {"file": str(self.audit_file)}}
+        audit = {**self.sections.get("audit", {}), "file": str(self.audit_file)}
+        sections = {**self.sections, "server": server, "audit": audit}
         # the admin socket only where a test asks for one ([admin] socket): the
         # default path is shared by every bastion on the machine
         sections.setdefault("admin", {"socket": ""})

@@ -8,6 +8,8 @@ that refuses the audit file never stops a login.
 
 from __future__ import annotations
 
+import json
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -162,5 +164,45 @@ def test_an_audit_file_that_fails_never_stops_a_login(
         )
         assert "cannot write the audit log" in proc.log.read_text()
         assert proc.log.read_text().count("cannot write the audit log") == 1  # not per record
+    finally:
+        proc.stop()
+
+
+def test_records_also_go_to_syslog(
+    tmp_path: Path,
+    consul: ConsulAgent,
+    consul_tokens: ConsulTokens,
+    vault: VaultSetup,
+    known_hosts: Path,
+    people: dict[str, Person],
+    directory_entries: None,
+) -> None:
+    """[audit] syslog: one RFC 3164 datagram per record on the syslog socket
+    (a stand-in for /dev/log here); without the socket, logins go on."""
+    path = tmp_path / "log.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(path))
+    listener.settimeout(10)
+    sections = bastion_sections(consul_tokens, consul, known_hosts, vault)
+    sections["audit"] = {"syslog": True, "syslog_socket": str(path)}
+    proc = BastionProcess(tmp_path / "bastion", sections).start()
+    try:
+        assert ssh(proc, people["alice"], "true").returncode == 0
+        events = []
+        while "connection" not in events:
+            datagram = listener.recv(65536).decode()
+            prefix, _, record = datagram.partition(" ")
+            assert prefix == "<86>bastion-audit:", datagram
+            events.append(json.loads(record)["event"])
+        assert events[:2] == ["connect", "login"], events
+        # the socket goes away: records are counted as lost, logins go on
+        listener.close()
+        path.unlink()
+        assert ssh(proc, people["alice"], "true").returncode == 0
+        devstack.wait_until(
+            "syslog errors counted",
+            lambda: (proc.metric("bastion_audit_write_errors_total") or 0) >= 1,
+            10,
+        )
     finally:
         proc.stop()
