@@ -1199,3 +1199,35 @@ def test_a_failed_method_then_a_good_key_is_audited_as_authenticated(
         lambda r: r.get("event") == "connection" and r in audit_after(bastion, mark)
     )
     assert closed["outcome"] == "authenticated" and "reason" not in closed, closed
+
+
+def test_a_resize_while_the_session_opens_reaches_the_host(
+    tmp_path: Path,
+    consul: ConsulAgent,
+    consul_tokens: ConsulTokens,
+    vault: VaultSetup,
+    known_hosts: Path,
+    people: dict[str, Person],
+    directory_entries: None,
+) -> None:
+    """A window change sent right after the shell request, while the bastion
+    is still logging in upstream, is not lost."""
+    proc = start_bastion(tmp_path / "bastion", consul, consul_tokens, vault, known_hosts)
+    try:
+
+        async def main() -> str:
+            options = _asyncssh_conn(proc, people["alice"])
+            # an upstream connection to reuse: then opening the session is the
+            # one round trip left for the resize to fall into
+            async with asyncssh.connect("127.0.0.1", proc.port, options=options) as warm:
+                await warm.run("true", check=True)
+            async with asyncssh.connect("127.0.0.1", proc.port, options=options) as conn:
+                shell = await conn.create_process(term_type="xterm", term_size=(80, 24))
+                shell.change_terminal_size(100, 40)  # before the host's session exists
+                shell.stdin.write("stty size; exit\n")
+                out, _ = await asyncio.wait_for(shell.communicate(), 30)
+                return str(out)
+
+        assert "40 100" in asyncio.run(main())
+    finally:
+        proc.stop()

@@ -313,6 +313,9 @@ class SessionRelay(asyncssh.SSHServerSession[bytes]):
             return
         self._up = up
         self._up_session = session
+        if self._pty is not None and self._pty[1] != kwargs.get("term_size"):
+            # the person resized while the upstream session was being opened
+            up.change_terminal_size(*self._pty[1])
         if self._on_started is not None:
             self._on_started(
                 command, kwargs.get("subsystem"), self._pty[0] if self._pty is not None else None
