@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -213,6 +213,38 @@ def start_bastion(
     sections = bastion_sections(consul_tokens, consul, known_hosts, vault)
     sections["upstream"].update(upstream)
     return devstack.BastionProcess(base, sections).start()
+
+
+@pytest.fixture
+def new_bastion(
+    tmp_path: Path,
+    consul: ConsulAgent,
+    consul_tokens: ConsulTokens,
+    vault: VaultSetup,
+    known_hosts: Path,
+    directory_entries: None,
+) -> Iterator[Callable[..., devstack.BastionProcess]]:
+    """Make a bastion of the test's own: ``new_bastion(tweak=..., start=...,
+    **server)`` with ``[server]`` settings and ``tweak(sections)`` for any
+    other change; every one made is stopped after the test."""
+    made: list[devstack.BastionProcess] = []
+
+    def make(
+        *,
+        tweak: Callable[[dict[str, dict[str, object]]], None] | None = None,
+        start: bool = True,
+        **server: object,
+    ) -> devstack.BastionProcess:
+        sections = bastion_sections(consul_tokens, consul, known_hosts, vault, **server)
+        if tweak is not None:
+            tweak(sections)
+        proc = devstack.BastionProcess(tmp_path / f"bastion-{len(made)}", sections)
+        made.append(proc)
+        return proc.start() if start else proc
+
+    yield make
+    for proc in made:
+        proc.stop()
 
 
 @pytest.fixture(scope="session")

@@ -11,16 +11,16 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ConsulTokens, Person, VaultSetup, bastion_sections
+from conftest import Person
 
 import devstack
 from bastion.check import check_ssh_banner
-from devstack import BastionProcess, ConsulAgent, SshdHost, ssh_command
+from devstack import BastionProcess, SshdHost, ssh_command
 
 
 def ssh(
@@ -38,21 +38,9 @@ def ssh(
 
 
 @pytest.fixture
-def own_bastion(
-    tmp_path: Path,
-    consul: ConsulAgent,
-    consul_tokens: ConsulTokens,
-    vault: VaultSetup,
-    known_hosts: Path,
-    directory_entries: None,
-) -> Iterator[BastionProcess]:
-    sections = bastion_sections(consul_tokens, consul, known_hosts, vault)
-    sections["upstream"]["reuse_idle"] = 0  # each login its own certificate
-    proc = BastionProcess(tmp_path / "bastion", sections).start()
-    try:
-        yield proc
-    finally:
-        proc.stop()
+def own_bastion(new_bastion: Callable[..., BastionProcess]) -> BastionProcess:
+    # each login its own certificate
+    return new_bastion(tweak=lambda sections: sections["upstream"].update(reuse_idle=0))
 
 
 def records_of(bastion: BastionProcess, conn: str) -> list[dict[str, Any]]:
@@ -139,16 +127,9 @@ def test_failed_attempts_name_the_key_never_a_secret(
 
 
 def test_an_audit_file_that_fails_never_stops_a_login(
-    tmp_path: Path,
-    consul: ConsulAgent,
-    consul_tokens: ConsulTokens,
-    vault: VaultSetup,
-    known_hosts: Path,
-    people: dict[str, Person],
-    directory_entries: None,
+    tmp_path: Path, new_bastion: Callable[..., BastionProcess], people: dict[str, Person]
 ) -> None:
-    sections = bastion_sections(consul_tokens, consul, known_hosts, vault)
-    proc = BastionProcess(tmp_path / "bastion", sections)
+    proc = new_bastion(start=False)
     # a full disk: every write to /dev/full fails with ENOSPC
     proc.workdir.mkdir(parents=True)
     proc.audit_file.symlink_to("/dev/full")
@@ -169,13 +150,7 @@ def test_an_audit_file_that_fails_never_stops_a_login(
 
 
 def test_records_also_go_to_syslog(
-    tmp_path: Path,
-    consul: ConsulAgent,
-    consul_tokens: ConsulTokens,
-    vault: VaultSetup,
-    known_hosts: Path,
-    people: dict[str, Person],
-    directory_entries: None,
+    tmp_path: Path, new_bastion: Callable[..., BastionProcess], people: dict[str, Person]
 ) -> None:
     """[audit] syslog: one RFC 3164 datagram per record on the syslog socket
     (a stand-in for /dev/log here); without the socket, logins go on."""
@@ -183,9 +158,9 @@ def test_records_also_go_to_syslog(
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     listener.bind(str(path))
     listener.settimeout(10)
-    sections = bastion_sections(consul_tokens, consul, known_hosts, vault)
-    sections["audit"] = {"syslog": True, "syslog_socket": str(path)}
-    proc = BastionProcess(tmp_path / "bastion", sections).start()
+    proc = new_bastion(
+        tweak=lambda sections: sections.update(audit={"syslog": True, "syslog_socket": str(path)})
+    )
     try:
         assert ssh(proc, people["alice"], "true").returncode == 0
         events = []

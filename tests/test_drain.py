@@ -9,9 +9,9 @@ import signal
 import socket
 import subprocess
 import time
-from pathlib import Path
+from collections.abc import Callable
 
-from conftest import ConsulTokens, Person, VaultSetup, bastion_sections
+from conftest import Person
 
 import devstack
 from devstack import BastionProcess, ConsulAgent, ssh_command
@@ -19,18 +19,14 @@ from devstack import BastionProcess, ConsulAgent, ssh_command
 MiB = 1024 * 1024
 
 
-def start(
-    tmp_path: Path,
-    consul: ConsulAgent,
-    consul_tokens: ConsulTokens,
-    vault: VaultSetup,
-    known_hosts: Path,
-    drain_timeout: float,
-) -> BastionProcess:
-    sections = bastion_sections(
-        consul_tokens, consul, known_hosts, vault, drain_timeout=drain_timeout
+def hold(proc: BastionProcess, person: Person) -> subprocess.Popen[bytes]:
+    """A session through ``proc`` that has printed "up" and then waits a minute."""
+    argv = ssh_command(
+        port=proc.port, user=person.name, identity=person.key, command=("echo up; sleep 60",)
     )
-    return BastionProcess(tmp_path / "bastion", sections).start()
+    held = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert held.stdout is not None and held.stdout.readline() == b"up\n"
+    return held
 
 
 def register(consul: ConsulAgent, proc: BastionProcess) -> str:
@@ -66,15 +62,9 @@ def accepting(port: int) -> bool:
 
 
 def test_drain_leaves_consul_then_lets_transfers_finish(
-    tmp_path: Path,
-    consul: ConsulAgent,
-    consul_tokens: ConsulTokens,
-    vault: VaultSetup,
-    known_hosts: Path,
-    people: dict[str, Person],
-    directory_entries: None,
+    new_bastion: Callable[..., BastionProcess], consul: ConsulAgent, people: dict[str, Person]
 ) -> None:
-    proc = start(tmp_path, consul, consul_tokens, vault, known_hosts, drain_timeout=60)
+    proc = new_bastion(drain_timeout=60)
     service_id = register(consul, proc)
     try:
         assert service_id in passing_ids(consul)
@@ -120,22 +110,11 @@ def test_drain_leaves_consul_then_lets_transfers_finish(
 
 
 def test_sessions_past_the_drain_timeout_are_closed_with_a_notice(
-    tmp_path: Path,
-    consul: ConsulAgent,
-    consul_tokens: ConsulTokens,
-    vault: VaultSetup,
-    known_hosts: Path,
-    people: dict[str, Person],
-    directory_entries: None,
+    new_bastion: Callable[..., BastionProcess], people: dict[str, Person]
 ) -> None:
-    proc = start(tmp_path, consul, consul_tokens, vault, known_hosts, drain_timeout=2)
+    proc = new_bastion(drain_timeout=2)
     try:
-        alice = people["alice"]
-        argv = ssh_command(
-            port=proc.port, user="alice", identity=alice.key, command=("echo up; sleep 60",)
-        )
-        held = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        assert held.stdout is not None and held.stdout.readline() == b"up\n"
+        held = hold(proc, people["alice"])
         assert proc.process is not None
         os.kill(proc.process.pid, signal.SIGTERM)
         _, err = held.communicate(timeout=30)
@@ -153,22 +132,11 @@ def test_sessions_past_the_drain_timeout_are_closed_with_a_notice(
 
 
 def test_a_second_sigterm_ends_at_once(
-    tmp_path: Path,
-    consul: ConsulAgent,
-    consul_tokens: ConsulTokens,
-    vault: VaultSetup,
-    known_hosts: Path,
-    people: dict[str, Person],
-    directory_entries: None,
+    new_bastion: Callable[..., BastionProcess], people: dict[str, Person]
 ) -> None:
-    proc = start(tmp_path, consul, consul_tokens, vault, known_hosts, drain_timeout=600)
+    proc = new_bastion(drain_timeout=600)
     try:
-        alice = people["alice"]
-        argv = ssh_command(
-            port=proc.port, user="alice", identity=alice.key, command=("echo up; sleep 60",)
-        )
-        held = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        assert held.stdout is not None and held.stdout.readline() == b"up\n"
+        held = hold(proc, people["alice"])
         assert proc.process is not None
         os.kill(proc.process.pid, signal.SIGTERM)
         devstack.wait_until("draining", lambda: not accepting(proc.port), 15)

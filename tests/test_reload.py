@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from conftest import ConsulTokens, Person, VaultSetup, bastion_sections
+from conftest import Person, VaultSetup
 
 import devstack
 from devstack import BastionProcess, ConsulAgent, render_settings, ssh_command
@@ -47,16 +47,10 @@ def reload_with(proc: BastionProcess, change: Callable[[dict[str, Any]], None]) 
 
 def test_reload_applies_live_settings_and_names_the_rest(
     tmp_path: Path,
-    consul: ConsulAgent,
-    consul_tokens: ConsulTokens,
-    vault: VaultSetup,
-    known_hosts: Path,
+    new_bastion: Callable[..., BastionProcess],
     people: dict[str, Person],
-    directory_entries: None,
 ) -> None:
-    proc = BastionProcess(
-        tmp_path / "bastion", bastion_sections(consul_tokens, consul, known_hosts, vault)
-    ).start()
+    proc = new_bastion()
     try:
         # a person's own certificate from a CA the bastion does not trust yet
         ca = devstack.keygen(tmp_path / "new_user_ca", comment="a new user CA")
@@ -85,17 +79,10 @@ def test_reload_applies_live_settings_and_names_the_rest(
 
 
 def test_an_invalid_file_changes_nothing(
-    tmp_path: Path,
-    consul: ConsulAgent,
-    consul_tokens: ConsulTokens,
-    vault: VaultSetup,
-    known_hosts: Path,
+    new_bastion: Callable[..., BastionProcess],
     people: dict[str, Person],
-    directory_entries: None,
 ) -> None:
-    proc = BastionProcess(
-        tmp_path / "bastion", bastion_sections(consul_tokens, consul, known_hosts, vault)
-    ).start()
+    proc = new_bastion()
     try:
 
         def break_it(settings: dict[str, Any]) -> None:
@@ -111,12 +98,9 @@ def test_an_invalid_file_changes_nothing(
 
 def test_a_rotated_consul_token_is_taken_on_reload(
     tmp_path: Path,
+    new_bastion: Callable[..., BastionProcess],
     consul: ConsulAgent,
-    consul_tokens: ConsulTokens,
-    vault: VaultSetup,
-    known_hosts: Path,
     people: dict[str, Person],
-    directory_entries: None,
 ) -> None:
     """The operator mints a new bastion token, points the settings at it, sends
     SIGHUP and revokes the old one: the directory keeps loading."""
@@ -136,9 +120,7 @@ def test_a_rotated_consul_token_is_taken_on_reload(
 
     old_token, old_accessor = mint("old")
     new_token, new_accessor = mint("new")
-    sections = bastion_sections(consul_tokens, consul, known_hosts, vault)
-    sections["consul"]["token_file"] = str(old_token)
-    proc = BastionProcess(tmp_path / "bastion", sections).start()
+    proc = new_bastion(tweak=lambda sections: sections["consul"].update(token_file=str(old_token)))
     try:
 
         def rotate(settings: dict[str, Any]) -> None:
@@ -161,12 +143,9 @@ def test_a_rotated_consul_token_is_taken_on_reload(
 
 def test_a_rotated_approle_secret_id_is_taken_on_reload(
     tmp_path: Path,
-    consul: ConsulAgent,
-    consul_tokens: ConsulTokens,
+    new_bastion: Callable[..., BastionProcess],
     vault: VaultSetup,
-    known_hosts: Path,
     people: dict[str, Person],
-    directory_entries: None,
 ) -> None:
     """The operator writes a new secret_id into the same file and sends SIGHUP:
     the bastion logs in with it at once; the old one can then be destroyed."""
@@ -188,11 +167,13 @@ def test_a_rotated_approle_secret_id_is_taken_on_reload(
     (creds / "secret_id").write_text(new_secret_id())
     for name in ("role_id", "secret_id"):
         (creds / name).chmod(0o600)
-    sections = bastion_sections(consul_tokens, consul, known_hosts, vault)
-    sections["vault"]["role_id_file"] = str(creds / "role_id")
-    sections["vault"]["secret_id_file"] = str(creds / "secret_id")
-    sections["upstream"]["reuse_idle"] = 0  # every login signs a certificate
-    proc = BastionProcess(tmp_path / "bastion", sections).start()
+
+    def own_credentials(sections: dict[str, dict[str, object]]) -> None:
+        sections["vault"]["role_id_file"] = str(creds / "role_id")
+        sections["vault"]["secret_id_file"] = str(creds / "secret_id")
+        sections["upstream"]["reuse_idle"] = 0  # every login signs a certificate
+
+    proc = new_bastion(tweak=own_credentials)
     try:
         old_secret = (creds / "secret_id").read_text().strip()
         (creds / "secret_id").write_text(new_secret_id())
@@ -215,16 +196,10 @@ def test_a_rotated_approle_secret_id_is_taken_on_reload(
 
 def test_an_unreadable_token_file_on_reload_changes_nothing(
     tmp_path: Path,
-    consul: ConsulAgent,
-    consul_tokens: ConsulTokens,
-    vault: VaultSetup,
-    known_hosts: Path,
+    new_bastion: Callable[..., BastionProcess],
     people: dict[str, Person],
-    directory_entries: None,
 ) -> None:
-    proc = BastionProcess(
-        tmp_path / "bastion", bastion_sections(consul_tokens, consul, known_hosts, vault)
-    ).start()
+    proc = new_bastion()
     try:
         for bad in (tmp_path / "a-directory", tmp_path / "a-fifo"):
             if bad.name == "a-directory":
