@@ -20,13 +20,7 @@ from collections.abc import Callable
 from bastion import fastpath
 from bastion.admin import AdminServer
 from bastion.audit import AuditLog
-from bastion.config import (
-    Settings,
-    env_token,
-    load_settings,
-    read_public_key_lines,
-    read_secret_file,
-)
+from bastion.config import Settings, load_settings
 from bastion.core.frontdoor import ServerContext
 from bastion.core.listener import BastionServer
 from bastion.core.upstream import UpstreamConnector, UpstreamPool
@@ -39,6 +33,7 @@ from bastion.identity import KeyDirectory
 from bastion.metrics import Metrics
 from bastion.policy import LoginPolicy
 from bastion.recording import Recorder
+from bastion.secretfiles import env_token, read_public_key_lines, read_secret_file
 from bastion.service import OwnService
 from bastion.trust import HostKeyPolicy
 

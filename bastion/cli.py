@@ -194,8 +194,8 @@ def _register(args: argparse.Namespace) -> int:
 
 def _doctor(args: argparse.Namespace) -> int:
     """Check the deployment with the bastion's own settings; exit 1 on any FAIL."""
-    from bastion.config import read_secret_file
     from bastion.doctor import diagnose, exit_status, render_json, render_table
+    from bastion.secretfiles import read_secret_file
 
     settings = load_settings(args.config)
     admin = None

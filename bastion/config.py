@@ -11,7 +11,6 @@ from __future__ import annotations
 import grp
 import os
 import re
-import stat
 import tomllib
 import urllib.parse
 from collections.abc import Mapping
@@ -19,6 +18,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+from bastion import access_settings
+from bastion.access_settings import AccessSettings, PenaltySettings
 from bastion.errors import ConfigError
 from bastion.fastpath import FEATURES as FASTPATH_FEATURES
 from bastion.fastpath import features_from_env
@@ -36,6 +37,20 @@ class ServerSettings:
     login_grace_time: float = 30.0
     # pre-auth connections held at once; more are dropped at accept
     max_unauthenticated: int = 256
+    # sshd_config(5) MaxStartups "start:rate:full": above start unauthenticated
+    # connections, new ones are dropped with a probability rising from rate %
+    # to 100 % at full. Empty: min(64, max_unauthenticated):30:max_unauthenticated
+    max_startups: str = ""
+    # PerSourceMaxStartups and PerSourceNetBlockSize: unauthenticated
+    # connections per source block (a /32 for IPv4 and a /64 for IPv6)
+    per_source_max_startups: int = 16
+    per_source_net_block_size: str = "32:64"
+    # ChannelTimeout (any channel type; seconds without data, 0: off) and
+    # UnusedConnectionTimeout (seconds with no open channel, 0: off)
+    channel_timeout: float = 0.0
+    unused_connection_timeout: float = 0.0
+    # addresses (CIDRs) of load balancers that send a PROXY protocol header
+    proxy_protocol_from: tuple[str, ...] = ()
     max_auth_attempts: int = 6
     # the bastion's log level (DEBUG, INFO, WARNING, ERROR); unset: the
     # command line's --log-level
@@ -129,6 +144,9 @@ class UpstreamSettings:
     reuse_max_age: int | None = None
     # person connections sharing one upstream connection at most
     reuse_max_shared: int = 4
+    # CIDRs for the certificates' source-address critical option (the
+    # bastion's egress addresses); empty: no source-address
+    source_address: tuple[str, ...] = ()
 
     @property
     def reuse_max_age_seconds(self) -> int:
@@ -200,10 +218,19 @@ class Settings:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     recording: RecordingSettings = field(default_factory=RecordingSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
+    penalties: PenaltySettings = field(default_factory=PenaltySettings)
+    access: AccessSettings = field(default_factory=AccessSettings)
     # the asyncssh speed-ups to apply, from the environment variable
     # BASTION_TUNING (unset or "all", "none", or a comma-separated list)
     fastpath: tuple[str, ...] = FASTPATH_FEATURES
     source: Path | None = None
+
+    @property
+    def startups(self) -> tuple[int, int, int]:
+        """MaxStartups as (start, rate %, full) (``[server] max_startups``)."""
+        mu = self.server.max_unauthenticated
+        value = self.server.max_startups or f"{min(64, mu)}:30:{mu}"
+        return access_settings.parse_max_startups(value)
 
     @property
     def consul_service_id(self) -> str:
@@ -329,6 +356,8 @@ def parse_settings(
         "metrics": MetricsSettings,
         "recording": RecordingSettings,
         "admin": AdminSettings,
+        "penalties": PenaltySettings,
+        "access": AccessSettings,
     }
     unknown = sorted(set(raw) - set(sections))
     if unknown:
@@ -345,6 +374,7 @@ def parse_settings(
     settings = Settings(**built, fastpath=fastpath, source=source)
     _validate(settings, label)
     _validate_recording(settings.recording, label)
+    access_settings.validate(settings, label)
     return settings
 
 
@@ -470,57 +500,3 @@ def load_settings(path: Path, environ: Mapping[str, str] | None = None) -> Setti
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     return parse_settings(raw, path.resolve(), os.environ if environ is None else environ)
-
-
-def read_secret_file(path: Path, what: str) -> str:
-    """Read a one-line secret, refusing files that group or others can read."""
-    try:
-        st = path.stat()
-    except OSError as exc:
-        raise ConfigError(f"{what}: cannot read {path}: {exc.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):  # a FIFO would block the event loop
-        raise ConfigError(f"{what}: {path} is not a regular file")
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(
-            f"{what}: {path} is mode {stat.S_IMODE(st.st_mode):o}; "
-            "it must not be readable by group or others (chmod 600)"
-        )
-    try:
-        value = path.read_text().strip()
-    except OSError as exc:
-        raise ConfigError(f"{what}: cannot read {path}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{what}: {path} is not text") from None
-    if not value:
-        raise ConfigError(f"{what}: {path} is empty")
-    return value
-
-
-def read_public_key_lines(path: Path, what: str) -> tuple[str, ...]:
-    """The OpenSSH public key lines of ``path`` (blank and ``#`` lines skipped);
-    ConfigError naming ``what`` when unreadable or a line is not a key."""
-    import asyncssh  # only here: settings parsing itself needs no SSH library
-
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"{what}: cannot read {path}: {exc.strerror}") from None
-    lines = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            try:
-                asyncssh.import_public_key(line)
-            except (asyncssh.KeyImportError, ValueError):
-                raise ConfigError(
-                    f"{what}: {path} holds a line that is not an OpenSSH public key"
-                ) from None
-            lines.append(line)
-    return tuple(lines)
-
-
-def env_token(name: str) -> str:
-    value = os.environ.get(name, "").strip()
-    if not value:
-        raise ConfigError(f"[consul] token_env: environment variable {name} is not set")
-    return value

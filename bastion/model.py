@@ -39,6 +39,25 @@ class ForwardingPolicy:
 
 
 @dataclass(frozen=True)
+class AccessRules:
+    """A person's own limits from the JSON form of their entry; None means
+    the deployment's setting applies (docs/routing.md)."""
+
+    # "from": CIDRs the person may connect from (authorized_keys(5) from=);
+    # empty: anywhere
+    sources: tuple[str, ...] = ()
+    # "max_sessions": concurrent sessions (all their connections, this bastion)
+    max_sessions: int | None = None
+    # "channel_timeout" / "unused_connection_timeout", seconds (0: off)
+    channel_timeout: float | None = None
+    unused_connection_timeout: float | None = None
+    # "mfa": "totp" asks for a TOTP code after the key
+    mfa: str | None = None
+    # "disabled": true refuses every login and ends live sessions
+    disabled: bool = False
+
+
+@dataclass(frozen=True)
 class Route:
     """A parsed directory entry. ``login`` is the default upstream login."""
 
@@ -49,6 +68,11 @@ class Route:
     raw: str
     # "record" in the JSON form: True/False, or None to follow [recording] default
     record: bool | None = None
+    access: AccessRules = AccessRules()
+    # the Consul ModifyIndex of the entry (0: not from Consul); certificates'
+    # key ids name it, so a host's log line tells which directory state let
+    # the login in
+    index: int = 0
 
 
 @dataclass(frozen=True)

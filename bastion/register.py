@@ -42,8 +42,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bastion.config import Settings, consul_base_url, read_secret_file, split_host_port
+from bastion.config import Settings, consul_base_url, split_host_port
 from bastion.errors import BastionError, ConfigError
+from bastion.secretfiles import read_secret_file
 
 FILE_MODE = 0o640
 CONSUL_TIMEOUT = 60.0

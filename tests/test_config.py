@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from bastion.config import load_settings, read_secret_file, split_host_port
+from bastion.config import load_settings, split_host_port
 from bastion.errors import ConfigError
+from bastion.secretfiles import read_secret_file
 
 GOOD = """
 [server]

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "bastion"
 LAYERS: list[set[str]] = [
     {"errors", "events"},
     {"fastpath"},  # version-pinned asyncssh patches; config reads its feature names
-    {"config", "model"},
+    {"config", "model", "secretfiles", "access_settings"},
     {"identity", "trust", "directory", "credentials", "service"},
     {"policy"},
     {"core"},

@@ -17,7 +17,7 @@ from typing import Protocol
 
 import asyncssh
 
-from bastion.config import Settings, read_secret_file
+from bastion.config import Settings
 from bastion.credentials.sshcert import (
     BACKDATE_SECONDS,
     CERT_TYPE_USER,
@@ -29,6 +29,7 @@ from bastion.credentials.sshcert import (
 )
 from bastion.credentials.vault import VaultClient
 from bastion.errors import ConfigError, SigningFailed
+from bastion.secretfiles import read_secret_file
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,11 @@ import random
 import time
 from typing import Any
 
-from bastion.config import VaultSettings, read_secret_file
+from bastion.config import VaultSettings
 from bastion.credentials.secrets import Secret
 from bastion.credentials.vault_http import VaultAnswer, VaultHTTP, api_path, tls_context
 from bastion.errors import ConfigError, CredentialError, SecretUnavailable
+from bastion.secretfiles import read_secret_file
 
 # the name operators' logging configuration and the tests know
 log = logging.getLogger("bastion.credentials")
