@@ -40,3 +40,10 @@ node_prefix "" {
 service "ssh-bastion" {
   policy = "write"
 }
+
+# Time-bound access grants (grants/<user>/<host>, `bastion grant`): read
+# only. The bastion can neither write a grant nor create or destroy the
+# Consul session that bounds one (no session rule at all).
+key_prefix "grants/" {
+  policy = "read"
+}

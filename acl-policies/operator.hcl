@@ -5,6 +5,7 @@
 #   consul kv put users/alice host-102
 #   consul kv put ssh-keys/alice @id_ed25519.pub
 #   consul kv put host-keys/host-102 @ssh_host_ed25519_key.pub
+#   bastion grant alice host-103 --for 2h   (grants/, with a session)
 #
 # Nothing else: no ACL administration (that is the management token's job,
 # kept offline), no services, no agent endpoints, no other KV prefixes.
@@ -30,4 +31,20 @@ key_prefix "host-keys/" {
 # (`consul catalog nodes`, `consul members`).
 node_prefix "" {
   policy = "read"
+}
+
+# Time-bound access grants (`bastion grant alice host-103 --for 2h`): each
+# grant is a key under grants/ acquired by a Consul session with a TTL and
+# Behavior "delete", so Consul deletes the key when the session ends.
+key_prefix "grants/" {
+  policy = "write"
+}
+
+# Create and destroy those sessions. Consul checks session rules against the
+# node of the agent the request goes to; @AGENT_NODE@ is the agent this kit
+# manages (deploy/bootstrap-acl.sh), so the token can make or end sessions
+# there and nowhere else (not other applications' locks on other nodes).
+# Run `bastion grant` against that agent ([consul] address).
+session "@AGENT_NODE@" {
+  policy = "write"
 }

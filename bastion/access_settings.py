@@ -111,6 +111,9 @@ def validate(s: Settings, label: str) -> None:
         return ConfigError(f"{label}: {msg}")
 
     srv = s.server
+    for key in ("channel_timeout", "unused_connection_timeout"):  # sshd_config(5), 0: off
+        if not 0 <= getattr(srv, key) <= 366 * 86400:  # also NaN
+            raise bad(f"[server] {key}: must be between 0 (off) and 31622400 seconds")
     try:
         s.startups  # noqa: B018 (parses [server] max_startups)
     except ValueError as exc:

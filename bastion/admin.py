@@ -375,6 +375,22 @@ class AdminServer:
 # -- the client side (bastion sessions / kill) -------------------------------
 
 
+def request_all(path: Path, message: dict[str, Any]) -> list[dict[str, Any]]:
+    """Send ``message`` to the bastion at ``path``, or with ``[server]
+    workers`` to every worker's socket (``<path>.<index>``, bastion/workers.py);
+    the answers, in worker order. AdminError as :func:`request`."""
+    try:
+        workers = [] if path.exists() else list(path.parent.glob(f"{path.name}.*"))
+    except OSError:  # a directory the caller may not read: request() says so
+        workers = []
+    workers = sorted(
+        (p for p in workers if p.suffix[1:].isdigit()), key=lambda p: int(p.suffix[1:])
+    )
+    if workers:
+        return [request(p, message) for p in workers]
+    return [request(path, message)]
+
+
 def request(path: Path, message: dict[str, Any], timeout: float = READ_TIMEOUT) -> dict[str, Any]:
     """Send one request to the admin socket at ``path``; its answer, or an
     AdminError with one line saying what went wrong."""

@@ -8,12 +8,11 @@ close the Vault client, report counts.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import functools
 import logging
 import math
-import signal
+import socket
 import time
 from collections.abc import Callable
 
@@ -25,6 +24,7 @@ from bastion.core.frontdoor import ServerContext
 from bastion.core.listener import BastionServer
 from bastion.core.upstream import UpstreamConnector, UpstreamPool
 from bastion.credentials import CertificateSigner, VaultClient, build_signer
+from bastion.credentials.totp import TotpVerifier
 from bastion.directory import ConsulDirectory
 from bastion.directory.watch import Watch
 from bastion.errors import BastionError, ConfigError
@@ -33,6 +33,7 @@ from bastion.identity import KeyDirectory
 from bastion.metrics import Metrics
 from bastion.policy import LoginPolicy
 from bastion.recording import Recorder
+from bastion.revocation import Revoker
 from bastion.secretfiles import env_token, read_public_key_lines, read_secret_file
 from bastion.service import OwnService
 from bastion.trust import HostKeyPolicy
@@ -81,6 +82,8 @@ class Application:
         self.pool: UpstreamPool | None = None
         self.admin: AdminServer | None = None
         self.metrics = Metrics()
+        # the listening socket a supervisor handed over (bastion/workers.py)
+        self.listen_sock: socket.socket | None = None
         self.audit = AuditLog(
             settings.audit.file,
             syslog=settings.audit.syslog_socket if settings.audit.syslog else None,
@@ -97,6 +100,7 @@ class Application:
         # asks the serving loop to drain (the admin socket's `drain`)
         self.on_drain: Callable[[], None] = lambda: None
         self.recorder: Recorder | None = None
+        self.revoker: Revoker | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -113,7 +117,9 @@ class Application:
         self.own_service = OwnService(
             s.consul.address, token, s.consul.service_name, s.consul_service_id
         )
-        self.directory = ConsulDirectory(s.consul, token, s.upstream.default_port)
+        self.directory = ConsulDirectory(
+            s.consul, token, s.upstream.default_port, grants_prefix=s.access.grants_prefix
+        )
         directory = self.directory
         self.metrics.directory_watches(
             [
@@ -166,22 +172,34 @@ class Application:
             self.recorder.start()
         ctx = ServerContext(
             settings=s.server,
-            policy=LoginPolicy(directory, host_keys),
+            policy=LoginPolicy(directory, host_keys, directory.grants_for, mfa=s.access.mfa),
             connector=self.pool,
             keys=keys,
             events=self.events,
             tunnel_timeout=s.upstream.connect_timeout,
             recorder=self.recorder,
+            # the second factor's check (docs/mfa.md); without Vault a required one refuses
+            second_factor=(
+                TotpVerifier(self.vault, s.access.totp_mount) if self.vault is not None else None
+            ),
         )
         self.ctx = ctx
         self.signer = signer
-        self.server = BastionServer(ctx)
+        self.server = BastionServer(ctx, startups=s.startups, penalties=s.penalties)
         registry = self.server.registry
+        self.metrics.penalised_sources.set_function(
+            lambda: self.server.penalties.active if self.server else 0
+        )
         self.metrics.unauthenticated.set_function(lambda: registry.unauthenticated)
         self.metrics.live_connections.set_function(
             lambda: sum(1 for c in registry.live if c.authenticated)
         )
-        await self.server.start()
+        await self.server.start(self.listen_sock)
+        # access that ends when the directory says so (bastion/revocation.py)
+        self.revoker = Revoker(
+            directory, lambda: registry.live, ctx, self.events, s.access.on_revoke
+        )
+        self.revoker.start(directory.grant_users())
         await self._leave_maintenance()
         # bastion sessions / kill; after the listener, so that a bastion that
         # cannot start never touches another one's admin socket
@@ -253,6 +271,8 @@ class Application:
         changed = _live_changes(old, new)
         if secret_changed:
             changed.append("[vault] AppRole credentials")
+        if old.penalties != new.penalties:
+            changed.append("[penalties]")
         # keep what needs a restart as it runs; take everything else
         server = dataclasses.replace(
             new.server, listen=old.server.listen, host_keys=old.server.host_keys
@@ -272,11 +292,19 @@ class Application:
         if self.own_service is not None:
             self.own_service.set_token(token)
         self.ctx.settings = server
+        if self.server is not None:  # the door's bounds and [penalties] (core/gate)
+            self.server.configure(server, new.startups, new.penalties)
+            self.settings = dataclasses.replace(self.settings, penalties=new.penalties)
         self.ctx.tunnel_timeout = upstream.connect_timeout
         self.ctx.keys = KeyDirectory(
             self.directory.authorized_keys, server.authorized_keys_dir, ca_lines
         )
-        self.ctx.policy = LoginPolicy(self.directory, host_keys)
+        self.ctx.policy = LoginPolicy(
+            self.directory, host_keys, self.directory.grants_for, mfa=self.settings.access.mfa
+        )
+        if self.revoker is not None and self.server is not None:
+            # local key files and the user CA may have changed: check everyone live
+            self.revoker.changed({c.user for c in self.server.registry.live if c.authenticated})
         if self.pool is not None:
             self.pool.configure(
                 idle=upstream.reuse_idle,
@@ -286,6 +314,7 @@ class Application:
             )
         if self.signer is not None:
             self.signer.ttl = upstream.cert_ttl
+            self.signer.source_address = upstream.source_address
         log.info(
             "reload: %s%s",
             ("applied " + ", ".join(changed)) if changed else "nothing to apply",
@@ -334,6 +363,8 @@ class Application:
         await self.metrics.stop_server()
         if self.admin is not None:
             await self.admin.stop()  # after the drain: sessions can be ended during it
+        if self.revoker is not None:
+            self.revoker.stop()
         if self.directory is not None:
             await self.directory.aclose()
         if self.vault is not None:
@@ -419,56 +450,3 @@ async def _check_signing(signer: CertificateSigner) -> None:
         )
     else:
         log.info("certificate signing self-check passed")
-
-
-async def serve(settings: Settings, drain_timeout: float | None = None) -> None:
-    """Run until SIGTERM or SIGINT.
-
-    The first SIGTERM drains (:meth:`Application.drain`: out of Consul first,
-    then no new connections, live sessions told and given ``drain_timeout``);
-    a second SIGTERM, or SIGINT, ends at once.
-    """
-    app = Application(settings)
-    drain = asyncio.Event()
-    now = asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    terms = [0]
-
-    def on_term() -> None:
-        # the first SIGTERM drains (also after `bastion drain`); a second ends at once
-        terms[0] += 1
-        (now if terms[0] > 1 else drain).set()
-
-    loop.add_signal_handler(signal.SIGTERM, on_term)
-    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(app.reload()))
-    loop.add_signal_handler(signal.SIGINT, now.set)
-    why = ["SIGTERM"]
-
-    def on_admin_drain() -> None:  # `bastion drain` through the admin socket
-        if not drain.is_set():
-            why[0] = "bastion drain (admin socket)"
-        drain.set()
-
-    app.on_drain = on_admin_drain
-    try:
-        await app.start()
-        waiting = [asyncio.ensure_future(drain.wait()), asyncio.ensure_future(now.wait())]
-        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-        if drain.is_set() and not now.is_set():
-            log.info("draining (a second SIGTERM ends at once)")
-            draining = asyncio.ensure_future(app.drain(drain_timeout, why=why[0]))
-            ending = asyncio.ensure_future(now.wait())
-            await asyncio.wait([draining, ending], return_when=asyncio.FIRST_COMPLETED)
-            if not draining.done():
-                log.info("ending at once")
-                draining.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await draining
-            ending.cancel()
-        for task in waiting:
-            task.cancel()
-        log.info("shutting down")
-    finally:
-        with contextlib.suppress(Exception):
-            await app.stop(0)

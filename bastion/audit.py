@@ -41,7 +41,10 @@ from bastion.events import (
     Greeted,
     LoginAccepted,
     OperatorAction,
+    PenaltyStarted,
     Reloaded,
+    Revoked,
+    SecondFactorChecked,
     ServerStopped,
     SessionStarted,
 )
@@ -112,6 +115,8 @@ class AuditLog:
             self.record("connect", **fields)
         elif isinstance(event, AuthFailed):
             self.record("auth-failed", **fields)
+        elif isinstance(event, SecondFactorChecked):  # docs/mfa.md
+            self.record("second-factor", **fields)
         elif isinstance(event, LoginAccepted):
             for key in ("seconds", "auth_seconds", "route_seconds", "sign_seconds"):
                 value = fields.pop(key)
@@ -128,6 +133,11 @@ class AuditLog:
             self.record("drain", **fields)
         elif isinstance(event, ServerStopped):
             self.record("stop", **fields)
+        elif isinstance(event, PenaltyStarted):
+            # once per penalty, never per refused connection (docs/audit.md)
+            self.record("penalty", **fields)
+        elif isinstance(event, Revoked):  # the directory withdrew access (docs/access.md)
+            self.record("revoke", **fields)
 
     def record(self, event: str, **fields: Any) -> None:
         entry: dict[str, Any] = {"ts": round(time.time(), 3), "event": event}

@@ -10,6 +10,8 @@ bastion sessions [--json]        the live sessions (over the admin socket)
 bastion kill CONN | --user NAME  end live sessions, with a notice to the person
 bastion drain                    drain this bastion, as SIGTERM does (over the admin socket)
 bastion doctor --config FILE     is this deployment safe? a PASS/WARN/FAIL table
+bastion grant USER ROUTE --for 2h --config FILE --consul-token-file FILE
+                                 temporary access (a Consul key that expires); --list, --revoke
 bastion demo                     a local stack to try (see README)
 """
 
@@ -22,22 +24,32 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from bastion import grants
 from bastion.config import DEFAULT_ADMIN_SOCKET, load_settings
 from bastion.errors import BastionError
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(level: str, worker: int | None = None) -> None:
+    # a worker's lines say which worker wrote them ([server] workers > 1)
+    who = "" if worker is None else f"[worker {worker}] "
     logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=level.upper(), format=f"%(asctime)s %(levelname)s {who}%(name)s: %(message)s"
     )
     # asyncssh logs per packet at INFO/DEBUG: keep it off the data path
     logging.getLogger("asyncssh").setLevel(logging.WARNING)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from bastion.app import serve
+    from bastion.serving import serve
+    from bastion.workers import Supervisor, WorkerRole
 
     settings = load_settings(args.config)
+    role = None
+    if args.worker is not None:  # started by the supervisor (bastion/workers.py)
+        role = WorkerRole(args.worker, args.listen_fd, args.metrics_socket)
+    elif settings.server.workers > 1:
+        supervisor = Supervisor(settings, args.config, args.drain_timeout, args.log_level)
+        return asyncio.run(supervisor.run())
     try:
         import uvloop  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
@@ -45,9 +57,9 @@ def _serve(args: argparse.Namespace) -> int:
     # outside the except block: an error while serving must not be chained
     # to the ImportError ("During handling of the above exception ...")
     if uvloop is None:
-        asyncio.run(serve(settings, args.drain_timeout))
+        asyncio.run(serve(settings, args.drain_timeout, role))
     else:  # pragma: no cover - optional speed-up
-        uvloop.run(serve(settings, args.drain_timeout))
+        uvloop.run(serve(settings, args.drain_timeout, role))
     return 0
 
 
@@ -70,7 +82,12 @@ def _route(args: argparse.Namespace) -> int:
             await vault.start()
         try:
             token = await consul_token(settings, vault)
-            directory = ConsulDirectory(settings.consul, token, settings.upstream.default_port)
+            directory = ConsulDirectory(
+                settings.consul,
+                token,
+                settings.upstream.default_port,
+                grants_prefix=settings.access.grants_prefix,  # grants count (docs/access.md)
+            )
             await directory.start()
             try:
                 await directory.wait_loaded(settings.consul.request_timeout)
@@ -80,7 +97,9 @@ def _route(args: argparse.Namespace) -> int:
                     directory.host_keys if settings.upstream.host_keys_from_directory else None,
                 )
                 try:
-                    plan = LoginPolicy(directory, host_keys).decide(args.user, "explain")
+                    plan = LoginPolicy(directory, host_keys, directory.grants_for).decide(
+                        args.user, "explain"
+                    )
                 except BastionError as exc:
                     return f"{text}\nverdict: REFUSED: {exc.user_message}", False
                 dest = plan.destination
@@ -121,9 +140,10 @@ def _admin_socket(args: argparse.Namespace) -> Path:
 def _sessions(args: argparse.Namespace) -> int:
     import json
 
-    from bastion.admin import format_sessions, request
+    from bastion.admin import format_sessions, request_all
 
-    sessions = request(_admin_socket(args), {"op": "sessions"})["sessions"]
+    answers = request_all(_admin_socket(args), {"op": "sessions"})
+    sessions = sorted((s for a in answers for s in a["sessions"]), key=lambda s: s["since"])
     if args.json:
         print(json.dumps(sessions, indent=2))
     elif sessions:
@@ -134,7 +154,7 @@ def _sessions(args: argparse.Namespace) -> int:
 
 
 def _kill(args: argparse.Namespace) -> int:
-    from bastion.admin import AdminError, describe_ended, request
+    from bastion.admin import AdminError, describe_ended, request_all
 
     message: dict[str, str] = {"op": "kill"}
     if args.user is not None:
@@ -143,7 +163,7 @@ def _kill(args: argparse.Namespace) -> int:
         message["conn"] = args.conn
     if args.why is not None:
         message["why"] = args.why
-    ended = request(_admin_socket(args), message)["ended"]
+    ended = [e for a in request_all(_admin_socket(args), message) for e in a["ended"]]
     if not ended:
         target = f"of user {args.user}" if args.user is not None else args.conn
         raise AdminError(f"no live session {target}")
@@ -153,9 +173,9 @@ def _kill(args: argparse.Namespace) -> int:
 
 
 def _drain(args: argparse.Namespace) -> int:
-    from bastion.admin import request
+    from bastion.admin import request_all
 
-    request(_admin_socket(args), {"op": "drain"})
+    request_all(_admin_socket(args), {"op": "drain"})
     print("draining: out of Consul, no new logins; live sessions run up to [server] drain_timeout")
     return 0
 
@@ -231,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="seconds live sessions get to finish on SIGTERM (default: [server] drain_timeout)",
     )
+    # a worker's part, given by the supervisor ([server] workers > 1)
+    p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--metrics-socket", default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("route", help="where USER would go right now, and why")
@@ -317,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_doctor)
 
+    grants.add_parser(sub)  # bastion grant (bastion/grants.py)
+
     p = sub.add_parser("demo", help="run a local stack to try the bastion (needs root)")
     p.add_argument(
         "--workdir",
@@ -343,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command != "check":
-        _setup_logging(args.log_level)
+        _setup_logging(args.log_level, getattr(args, "worker", None))
     try:
         return int(args.func(args))
     except BastionError as exc:

@@ -12,7 +12,6 @@ import grp
 import os
 import re
 import tomllib
-import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any, TypeVar
 
 from bastion import access_settings
 from bastion.access_settings import AccessSettings, PenaltySettings
+from bastion.addresses import consul_base_url, split_host_port
 from bastion.errors import ConfigError
 from bastion.fastpath import FEATURES as FASTPATH_FEATURES
 from bastion.fastpath import features_from_env
@@ -49,6 +49,9 @@ class ServerSettings:
     # UnusedConnectionTimeout (seconds with no open channel, 0: off)
     channel_timeout: float = 0.0
     unused_connection_timeout: float = 0.0
+    # worker processes behind the address (SO_REUSEPORT, steered by source
+    # address; bastion/workers.py); 1: the bastion is one process
+    workers: int = 1
     # addresses (CIDRs) of load balancers that send a PROXY protocol header
     proxy_protocol_from: tuple[str, ...] = ()
     max_auth_attempts: int = 6
@@ -239,57 +242,6 @@ class Settings:
         return self.consul.service_id or f"{self.consul.service_name}-{self.server.listen_port}"
 
 
-def split_host_port(value: str, default_port: int) -> tuple[str, int]:
-    """``host``, ``host:port``, ``[v6]`` or ``[v6]:port`` → (host, port)."""
-    value = value.strip()
-    if value.startswith("["):
-        host, sep, rest = value[1:].partition("]")
-        if not sep:
-            raise ValueError(f"unclosed '[' in {value!r}")
-        if not rest:
-            return host, default_port
-        if not rest.startswith(":"):
-            raise ValueError(f"junk after ']' in {value!r}")
-        port_s = rest[1:]
-    elif value.count(":") == 1:
-        host, _, port_s = value.partition(":")
-    else:
-        return value, default_port
-    if not port_s.isdigit() or not 0 < int(port_s) < 65536:
-        raise ValueError(f"bad port in {value!r}")
-    return host, int(port_s)
-
-
-def consul_base_url(address: str) -> str:
-    """``http://127.0.0.1:8500``, ``https://consul:8501`` or ``host:port`` → base URL.
-
-    Without a port: 8500 for http, 8501 for https (Consul's conventions).
-    Raises ValueError naming the problem.
-    """
-    text = address.strip()
-    if "://" not in text:
-        text = "http://" + text
-    parts = urllib.parse.urlsplit(text)
-    problem = None
-    try:
-        port = parts.port
-    except ValueError:
-        problem = "bad port"
-    if parts.scheme not in ("http", "https"):
-        problem = f"scheme must be http or https, not {parts.scheme!r}"
-    elif not parts.hostname:
-        problem = "no host"
-    elif parts.username or parts.password or parts.query or parts.path not in ("", "/"):
-        problem = "only scheme://host:port is allowed"
-    if problem:
-        raise ValueError(f"{problem}: {address!r}")
-    assert parts.hostname is not None
-    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    if port is None:
-        port = 8501 if parts.scheme == "https" else 8500
-    return f"{parts.scheme}://{host}:{port}"
-
-
 T = TypeVar("T")
 
 
@@ -386,6 +338,8 @@ def _validate(s: Settings, label: str) -> None:
         split_host_port(s.server.listen, 2222)
     except ValueError as exc:
         raise bad(f"[server] listen: {exc}") from None
+    if not 1 <= s.server.workers <= 64:
+        raise bad("[server] workers: must be between 1 and 64")
     for key in ("max_sessions", "max_channels", "max_auth_attempts", "max_unauthenticated"):
         if getattr(s.server, key) < 1:
             raise bad(f"[server] {key}: must be at least 1 (0 would refuse everyone)")

@@ -27,8 +27,18 @@ person logging in: no secrets, no internal addresses beyond the routed host)::
         ├── RequestDenied           a request the bastion does not carry (X11, tun)
         ├── ClientRefused           the client refused a channel the bastion opened to it
         ├── TooManyAuthFailures     MaxAuthTries reached (sshd_config(5))
-        └── TooManyConnections      the unauthenticated-connection bound is full
+        ├── TooManyConnections      the unauthenticated-connection bound is full
+        ├── SecondFactorFailed      a wrong TOTP code (second factor)
+        │   ├── CodeReused          a TOTP code given a second time
+        │   ├── NotEnrolled         no TOTP key enrolled for the person
+        │   └── SecondFactorRequired  required since the person authenticated without one
+        └── TooManySessions         the person's max_sessions (directory entry) is reached
+    AccessDenied                    authenticated, but the directory refuses the login
+    ├── SourceNotAllowed            connecting from outside the entry's "from"
+    └── AccountDisabled             the entry says "disabled": true
     SessionEnded                    an operator ended a live connection
+    ├── ChannelTimedOut             a channel idle past ChannelTimeout
+    └── UnusedConnectionTimedOut    no channels open for UnusedConnectionTimeout
 
 ``open_code`` is the SSH channel-open failure code (RFC 4254 section 5.1) a
 refused channel carries; OpenSSH clients print "administratively
@@ -167,6 +177,59 @@ class TooManyConnections(ClientError):
     reason = "max-unauthenticated"
 
 
+class SecondFactorFailed(ClientError):
+    """The second factor (a TOTP code) was not accepted: a wrong code."""
+
+    reason = "mfa-wrong-code"
+
+
+class CodeReused(SecondFactorFailed):
+    """A TOTP code that was already accepted once (the engine refuses a replay)."""
+
+    reason = "mfa-code-reused"
+
+
+class NotEnrolled(SecondFactorFailed):
+    """The person must give a second factor but has none enrolled."""
+
+    reason = "mfa-not-enrolled"
+
+
+class SecondFactorRequired(SecondFactorFailed):
+    """The directory asks a second factor this connection did not give (the
+    entry changed after the person authenticated)."""
+
+    reason = "mfa-required"
+
+
+class TooManySessions(ClientError):
+    """The person has ``max_sessions`` sessions open (all their connections,
+    this bastion): refused like sshd's MaxSessions, administratively prohibited."""
+
+    reason = "max-sessions"
+    open_code = OPEN_ADMINISTRATIVELY_PROHIBITED
+
+
+class AccessDenied(BastionError):
+    """The person authenticated, but their directory entry refuses the login.
+    Counts as PerSourcePenalties' ``refuseconnection`` (sshd_config(5))."""
+
+    reason = "access-denied"
+    open_code = OPEN_ADMINISTRATIVELY_PROHIBITED
+
+
+class SourceNotAllowed(AccessDenied):
+    """The source address is outside the entry's ``"from"`` (authorized_keys(5) from=)."""
+
+    reason = "source-not-allowed"
+
+
+class AccountDisabled(AccessDenied):
+    """The entry says ``"disabled": true``."""
+
+    reason = "disabled"
+
+
 class SessionEnded(BastionError):
     """An operator (or a drain, or the directory) ended a live connection."""
 
@@ -183,3 +246,23 @@ class ShutDown(SessionEnded):
     """The bastion stopped at once (SIGINT, a second SIGTERM) with the connection open."""
 
     reason = "shutdown"
+
+
+class ChannelTimedOut(SessionEnded):
+    """No data either way on a channel for ChannelTimeout seconds (sshd_config(5))."""
+
+    reason = "channel-timeout"
+
+
+class UnusedConnectionTimedOut(SessionEnded):
+    """No open channels for UnusedConnectionTimeout seconds (sshd_config(5))."""
+
+    reason = "unused-connection-timeout"
+
+
+class AccessRevoked(SessionEnded):
+    """The directory withdrew the person's access while connected (route or
+    key removed, ``"disabled": true``, a grant ended) and ``[access]
+    on_revoke = "close"``."""
+
+    reason = "revoked"

@@ -27,6 +27,31 @@ class ConnectionAccepted:
 
 
 @dataclass(frozen=True)
+class DoorRefused:
+    """A TCP connection closed at accept, before the SSH version line
+    (bastion/core/gate.py): ``reason`` penalised, per-source-max-startups,
+    max-startups, proxy-untrusted, proxy-missing, proxy-invalid or
+    proxy-timeout; ``source`` the client's address (the proxy's if no header
+    was read). Counted in metrics, never audited one by one."""
+
+    source: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class PenaltyStarted:
+    """A source block's penalty became active (sshd_config(5)
+    PerSourcePenalties): its new connections are refused for ``seconds``;
+    ``reason`` is what tipped it over the minimum, ``earned`` counts each kind
+    (authfail, noauth, grace_exceeded, refuseconnection). Once per penalty."""
+
+    source: str
+    seconds: float
+    reason: str
+    earned: dict[str, int]
+
+
+@dataclass(frozen=True)
 class Greeted:
     """The client finished the SSH handshake and names a user: a real login
     attempt, not a port probe (``client`` is its version string)."""
@@ -47,6 +72,20 @@ class AuthFailed:
     source: str
     method: str
     key: str | None
+
+
+@dataclass(frozen=True)
+class SecondFactorChecked:
+    """A second factor was asked after the first method succeeded: ``method``
+    (``totp``) and ``outcome``, ``ok`` or the refusal's reason
+    (``mfa-wrong-code``, ``mfa-code-reused``, ``mfa-not-enrolled``,
+    ``secret-unavailable``). Never the code."""
+
+    conn: str
+    user: str
+    source: str
+    method: str
+    outcome: str
 
 
 @dataclass(frozen=True)
@@ -72,6 +111,8 @@ class LoginAccepted:
     auth_seconds: float | None = None
     route_seconds: float = 0.0
     sign_seconds: float | None = None
+    # the second factor passed at the front door ("totp"), None without one
+    mfa: str | None = None
 
 
 @dataclass(frozen=True)
@@ -203,6 +244,20 @@ class Reloaded:
 
 
 @dataclass(frozen=True)
+class Revoked:
+    """The directory withdrew ``user``'s access (``cause``: route-removed,
+    key-removed, disabled, grant-ended; ``why`` as the person reads it): their
+    live connections ``conns`` were ``closed``, or ``kept`` (``[access]
+    on_revoke = "keep"``). One per person and change, not per connection."""
+
+    user: str
+    cause: str
+    why: str
+    action: str
+    conns: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class ServerStopped:
     """The bastion stopped: connections that finished within the drain and those closed."""
 
@@ -214,6 +269,7 @@ Event = (
     ConnectionAccepted
     | Greeted
     | AuthFailed
+    | SecondFactorChecked
     | LoginAccepted
     | SessionStarted
     | ServerStopped
@@ -225,6 +281,9 @@ Event = (
     | OperatorAction
     | DrainStarted
     | Reloaded
+    | Revoked
+    | DoorRefused
+    | PenaltyStarted
 )
 
 

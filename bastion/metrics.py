@@ -11,8 +11,11 @@ The series (deploy/grafana/bastion.json is built on exactly these, and
 tests/test_metrics.py checks it):
 
 ``bastion_connections_total``, ``bastion_probes_total``,
+``bastion_connections_refused_total{reason}``, ``bastion_penalties_total{reason}``,
+``bastion_penalised_sources``,
 ``bastion_logins_total{outcome,reason}``,
 ``bastion_auth_failures_total{method}``, ``bastion_auth_seconds``,
+``bastion_second_factor_total{method,outcome}``,
 ``bastion_route_seconds``, ``bastion_sign_seconds``,
 ``bastion_upstream_connect_seconds``, ``bastion_upstream_reused_total``,
 ``bastion_upstream_shared_connections``, ``bastion_channels_active{kind}``,
@@ -28,7 +31,6 @@ tests/test_metrics.py checks it):
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -36,7 +38,6 @@ from collections.abc import Callable, Sequence
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from bastion.config import split_host_port
 from bastion.events import (
     AuthFailed,
     ChannelEnded,
@@ -44,17 +45,18 @@ from bastion.events import (
     ChannelRefused,
     ConnectionAccepted,
     ConnectionClosed,
+    DoorRefused,
     Event,
     LoginAccepted,
     LoginRefused,
+    PenaltyStarted,
+    Revoked,
+    SecondFactorChecked,
 )
+from bastion.httpd import Answer, SmallHTTP
 
 # the HTTP endpoint's bounds: clients at once, seconds per connection, and
 # the longest request line or header and how many headers are read
-HTTP_CLIENTS = 16
-HTTP_DEADLINE = 5.0
-HTTP_LINE_MAX = 8192
-HTTP_HEADERS_MAX = 64
 
 # seconds: a login's steps take milliseconds; a slow Vault or host seconds
 _STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -82,6 +84,37 @@ class Metrics:
         )
         self.auth_failures = Counter(
             "bastion_auth_failures", "Failed authentication attempts", ["method"], registry=r
+        )
+        # the door (bastion/core/gate.py): drops before the SSH version line
+        self.refused = Counter(
+            "bastion_connections_refused",
+            "Connections dropped at accept, by reason (penalised, max-startups, proxy-...)",
+            ["reason"],
+            registry=r,
+        )
+        self.penalties = Counter(
+            "bastion_penalties",
+            "Penalties that became active (PerSourcePenalties), by what tipped them",
+            ["reason"],
+            registry=r,
+        )
+        self.penalised_sources = Gauge(
+            "bastion_penalised_sources",
+            "Source blocks whose new connections are refused now",
+            registry=r,
+        )
+        self.second_factor = Counter(
+            "bastion_second_factor",
+            "Second-factor checks (docs/mfa.md) by outcome: ok or the refusal's reason",
+            ["method", "outcome"],
+            registry=r,
+        )
+        self.revoked = Counter(
+            "bastion_revoked_connections",
+            "Live connections whose access the directory withdrew (docs/access.md), "
+            "by cause and action (closed or kept)",
+            ["cause", "action"],
+            registry=r,
         )
         self.auth_seconds = Histogram(
             "bastion_auth_seconds",
@@ -177,8 +210,7 @@ class Metrics:
         self.ready = Gauge("bastion_ready", "1 while the bastion serves logins", registry=r)
         self.draining = Gauge("bastion_draining", "1 while the bastion drains", registry=r)
         self.vault_ttl.set(-1)
-        self._http: asyncio.Server | None = None
-        self._http_clients = 0
+        self._http: SmallHTTP | None = None
         self._health: Callable[[], tuple[bool, bool]] = lambda: (False, False)
 
     # -- state read at scrape time ---------------------------------------
@@ -218,8 +250,16 @@ class Metrics:
         """The events subscriber."""
         if isinstance(event, ConnectionAccepted):
             self.connections.inc()
+        elif isinstance(event, DoorRefused):
+            self.refused.labels(event.reason).inc()
+        elif isinstance(event, PenaltyStarted):
+            self.penalties.labels(event.reason).inc()
         elif isinstance(event, AuthFailed):
             self.auth_failures.labels(event.method).inc()
+        elif isinstance(event, SecondFactorChecked):
+            self.second_factor.labels(event.method, event.outcome).inc()
+        elif isinstance(event, Revoked):
+            self.revoked.labels(event.cause, event.action).inc(len(event.conns))
         elif isinstance(event, LoginAccepted):
             self.login_seconds.observe(event.seconds)
             self.logins.labels("accepted", "").inc()
@@ -250,61 +290,25 @@ class Metrics:
     # -- the HTTP endpoint -------------------------------------------------
 
     async def start_server(self, listen: str) -> None:
-        """Serve /metrics and /health on ``listen`` (host:port) from the event loop.
-
-        A deliberately small HTTP/1.1 responder (one request per connection)
-        rather than a general web server: every connection has a deadline
-        (:data:`HTTP_DEADLINE` seconds for the request, headers included, and
-        for the answer) and at most :data:`HTTP_CLIENTS` are served at once,
-        so a local user holding half-sent requests can neither pin file
-        descriptors nor slow logins. prometheus_client writes the page."""
-        host, port = split_host_port(listen, 9102)
-        self._http = await asyncio.start_server(
-            self._serve_http, host or None, port, reuse_address=True, limit=HTTP_LINE_MAX
-        )
+        """Serve /metrics and /health on ``listen`` (host:port, or a Unix
+        socket path for a worker's supervisor) from the event loop, through
+        :class:`bastion.httpd.SmallHTTP` (deadlines, bounded clients)."""
+        self._http = SmallHTTP({"/metrics": self._metrics_page, "/health": self._health_page})
+        await self._http.start(listen)
 
     async def stop_server(self) -> None:
         if self._http is not None:
-            self._http.close()
+            await self._http.stop()
             self._http = None
 
-    async def _serve_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._http_clients >= HTTP_CLIENTS:
-            writer.close()
-            return
-        self._http_clients += 1
-        try:
-            async with asyncio.timeout(HTTP_DEADLINE):
-                line = await reader.readline()
-                for _ in range(HTTP_HEADERS_MAX):  # the headers, ignored
-                    if (await reader.readline()) in (b"\r\n", b"\n", b""):
-                        break
-                parts = line.decode("latin-1").split()
-                path = parts[1].split("?", 1)[0] if len(parts) >= 2 else ""
-                if len(parts) < 2 or parts[0] != "GET":
-                    status, ctype, body = "405 Method Not Allowed", "text/plain", b"GET only\n"
-                elif path == "/metrics":
-                    status, ctype, body = (
-                        "200 OK",
-                        CONTENT_TYPE_LATEST,
-                        generate_latest(self.registry),
-                    )
-                elif path == "/health":
-                    ready, draining = self._health()
-                    ok = ready and not draining
-                    status = "200 OK" if ok else "503 Service Unavailable"
-                    ctype = "application/json"
-                    body = json.dumps({"ready": ready, "draining": draining}).encode()
-                else:
-                    status, ctype, body = "404 Not Found", "text/plain", b"/metrics or /health\n"
-                head = (
-                    f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
-                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-                )
-                writer.write(head.encode() + body)
-                await writer.drain()
-        except (TimeoutError, ValueError, ConnectionError, asyncio.IncompleteReadError):
-            pass  # a slow, odd or vanished client: nothing to answer
-        finally:
-            self._http_clients -= 1
-            writer.close()
+    async def _metrics_page(self) -> Answer:
+        return "200 OK", CONTENT_TYPE_LATEST, generate_latest(self.registry)
+
+    async def _health_page(self) -> Answer:
+        ready, draining = self._health()
+        status = "200 OK" if ready and not draining else "503 Service Unavailable"
+        return (
+            status,
+            "application/json",
+            json.dumps({"ready": ready, "draining": draining}).encode(),
+        )

@@ -42,7 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bastion.config import Settings, consul_base_url, split_host_port
+from bastion.addresses import consul_base_url, split_host_port
+from bastion.config import Settings
 from bastion.errors import BastionError, ConfigError
 from bastion.secretfiles import read_secret_file
 

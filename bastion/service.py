@@ -21,7 +21,7 @@ import urllib.parse
 
 import aiohttp
 
-from bastion.config import consul_base_url
+from bastion.addresses import consul_base_url
 from bastion.errors import BastionError
 
 log = logging.getLogger("bastion.service")

@@ -25,8 +25,9 @@ import sys
 from collections.abc import Sequence
 
 from bench.measure import cpu_seconds, run_ssh
-from bench.run import DIRECTIONS, _transfer
+from bench.plan import DIRECTIONS
 from bench.stack import CIPHERS, BenchStack
+from bench.throughput import transfer
 
 
 def _swap_port(argv: list[str], old: int, new: int) -> list[str]:
@@ -79,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     for name in order:
                         command, pid = runs[name]
                         c0 = cpu_seconds(pid)
-                        seconds = _transfer(command, direction, size)
+                        seconds = transfer(command, direction, size)
                         cpu[name].append((cpu_seconds(pid) - c0) / gb)
                         rates[name].append(size / seconds / 1e6)
                 for name in runs:

@@ -5,11 +5,15 @@
 Opens ``--count`` connections from one asyncio loop (``--concurrency`` at a
 time), each with a PTY shell, and waits for every shell's first output (the
 prompt), so a session counts only once it is live end to end. With
-``--jump HOST:PORT`` each connection is tunnelled through that OpenSSH jump
-host (``ssh -J``) to the target instead.
+``--exec CMD`` each session runs CMD without a PTY instead (the machine has
+4096 PTYs in all; CMD must print something, e.g. ``echo ready; exec cat``).
+With ``--jump HOST:PORT`` each connection is tunnelled through that OpenSSH
+jump host (``ssh -J``) to the target instead.
 
 Prints one JSON line ``{"ready": N, "failed": F, "seconds": S, "errors": [...]}``,
-then holds the sessions until stdin is closed, closes them and exits.
+then reads stdin: a line with a number opens more sessions up to that total
+and prints another such line (``ready``: all live sessions; ``failed`` and
+``seconds``: this step). At the end of stdin it closes the sessions and exits.
 """
 
 from __future__ import annotations
@@ -67,9 +71,12 @@ async def _open(
         else:
             conn = await asyncssh.connect(args.host, args.port, **common)
         held.append(conn)
-        _chan, session = await conn.create_session(
-            _Shell, term_type="xterm", term_size=(80, 24), encoding=None
-        )
+        if args.exec:
+            _chan, session = await conn.create_session(_Shell, args.exec, encoding=None)
+        else:
+            _chan, session = await conn.create_session(
+                _Shell, term_type="xterm", term_size=(80, 24), encoding=None
+            )
         assert isinstance(session, _Shell)
         await asyncio.wait_for(session.prompt, 60)
     except BaseException:
@@ -93,19 +100,24 @@ async def main_async(args: argparse.Namespace) -> int:
             except (OSError, asyncssh.Error, TimeoutError) as exc:
                 errors.append(f"{type(exc).__name__}: {exc}")
 
-    started = time.monotonic()
-    await asyncio.gather(*(one() for _ in range(args.count)))
-    ready = args.count - len(errors)
-    report = {
-        "ready": ready,
-        "failed": len(errors),
-        "seconds": round(time.monotonic() - started, 2),
-        "errors": sorted(set(errors))[:5],
-    }
-    print(json.dumps(report), flush=True)
-    # hold until the parent closes our stdin
+    async def step(count: int) -> None:
+        errors.clear()
+        started = time.monotonic()
+        await asyncio.gather(*(one() for _ in range(count)))
+        report = {
+            "ready": len(conns) // (2 if args.jump else 1),
+            "failed": len(errors),
+            "seconds": round(time.monotonic() - started, 2),
+            "errors": sorted(set(errors))[:5],
+        }
+        print(json.dumps(report), flush=True)
+
+    await step(args.count)
     loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, sys.stdin.read)
+    # more steps, or hold until the parent closes our stdin
+    while line := await loop.run_in_executor(None, sys.stdin.readline):
+        total = int(line)
+        await step(max(0, total - len(conns) // (2 if args.jump else 1)))
     for conn in conns:
         conn.close()
     with contextlib.suppress(TimeoutError):
@@ -125,11 +137,13 @@ def main() -> int:
     parser.add_argument("--known-hosts", required=True)
     parser.add_argument("--jump", default=None, help="HOST:PORT of an OpenSSH jump host")
     parser.add_argument("--count", type=int, required=True)
+    parser.add_argument("--exec", default=None, help="run this command, no PTY")
     parser.add_argument("--concurrency", type=int, default=32)
     args = parser.parse_args()
+    # one descriptor per connection: this process only, up to the hard limit
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = min(hard, max(soft, 4 * args.count + 256))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return asyncio.run(main_async(args))
 
 

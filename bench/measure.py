@@ -55,6 +55,36 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """utime + stime of a process and its live descendants (a bastion with
+    workers is a supervisor and its worker processes)."""
+    total = 0.0
+    for p in [pid, *descendants(pid)]:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            total += cpu_seconds(p)
+    return total
+
+
+def reaped_cpu_seconds(pid: int) -> float:
+    """utime + stime of a process plus those of its reaped children
+    (cutime + cstime): an sshd master's per-connection processes add theirs
+    once they have exited and been waited for."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11:15]) / CLK_TCK
+
+
+def wait_no_descendants(pid: int, timeout: float = 2.0) -> bool:
+    """Wait until ``pid`` has no live descendants (its connections' processes
+    ended and were reaped); False after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while descendants(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds all CPUs spent not idle since boot (/proc/stat)."""
     with open("/proc/stat") as f:
@@ -69,6 +99,21 @@ def rss_kb(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise BenchError(f"no VmRSS for {pid}")
+
+
+def tree_rss_kb(pid: int) -> int:
+    """VmRSS summed over a process and its live descendants, KiB (pages
+    shared between them count once per process: an upper bound)."""
+    total = 0
+    for p in [pid, *descendants(pid)]:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError, BenchError):
+            total += rss_kb(p)
+    return total
+
+
+def tree_pss_kb(pid: int) -> int:
+    """PSS summed over a process and its live descendants, KiB."""
+    return sum(pss_kb(p) for p in [pid, *descendants(pid)])
 
 
 def pss_kb(pid: int) -> int:

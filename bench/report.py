@@ -1,101 +1,15 @@
-"""Turning results into the target checklist and ``latest.md``."""
+"""Turning results into ``latest.md``: the target checklist, the tables,
+and links to the charts (``bench/plots.py``) next to it."""
 
 from __future__ import annotations
 
 from typing import Any
 
-PATH_NAMES = {
-    "openssh_direct": "OpenSSH direct",
-    "openssh_jump": "OpenSSH jump host (`-J`)",
-    "bastion": "bastion, routed session",
-    "bastion_jump": "bastion as `-J`",
-    "bastion_fresh": "bastion, routed, upstream reuse off",
-}
+from bench.plan import PATH_NAMES
+from bench.targets import get as _get
+from bench.targets import targets
 
-
-def _get(results: dict[str, Any], *keys: str) -> Any:
-    cur: Any = results
-    for key in keys:
-        if not isinstance(cur, dict) or key not in cur:
-            return None
-        cur = cur[key]
-    return cur
-
-
-def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Issue 6's targets, each with the measured value and whether it is met."""
-    out: list[dict[str, Any]] = []
-
-    def add(name: str, value: Any, goal: str, met: bool | None) -> None:
-        out.append({"target": name, "goal": goal, "value": value, "met": met})
-
-    tp = results.get("throughput") or {}
-    for cipher in ("aes128-gcm", "default"):
-        for direction in ("download", "upload", "both"):
-            ratio = _get(tp, cipher, direction, "bastion", "vs_openssh_jump")
-            add(
-                f"routed throughput, {cipher}, {direction}",
-                ratio,
-                ">= 1.0x OpenSSH jump host",
-                None if ratio is None else ratio >= 1.0,
-            )
-    for cipher in ("aes128-gcm", "default"):
-        for direction in ("download", "upload", "both"):
-            ratio = _get(tp, cipher, direction, "bastion_jump", "vs_openssh_jump")
-            add(
-                f"bastion -J throughput, {cipher}, {direction}",
-                ratio,
-                ">= 0.9x OpenSSH jump host",
-                None if ratio is None else ratio >= 0.9,
-            )
-    login = _get(results, "login", "paths", "bastion") or {}
-    jump_r, direct_r = login.get("vs_openssh_jump"), login.get("vs_openssh_direct")
-    add(
-        "login p50 vs OpenSSH jump host",
-        jump_r,
-        "<= 0.5x",
-        None if jump_r is None else jump_r <= 0.5,
-    )
-    add(
-        "login p50 vs OpenSSH direct",
-        direct_r,
-        "<= 1.0x",
-        None if direct_r is None else direct_r <= 1.0,
-    )
-    cpu = _get(results, "login", "bastion_cpu_ms_per_login", "bastion")
-    add("bastion CPU per login (ms)", cpu, "<= 10 ms", None if cpu is None else cpu <= 10)
-    cpu = _get(results, "login", "bastion_cpu_ms_per_login", "bastion_fresh")
-    add(
-        "bastion CPU per login, upstream reuse off (ms)",
-        cpu,
-        "<= 10 ms",
-        None if cpu is None else cpu <= 10,
-    )
-    p99 = _get(results, "route_propagation", "in_force_ms", "p99")
-    add("route propagation p99 (ms)", p99, "< 250 ms", None if p99 is None else p99 < 250)
-    idle = _get(results, "concurrency", "idle", "bastion") or {}
-    rss, n = idle.get("rss_mb"), idle.get("sessions")
-    add(
-        f"bastion RSS with {n} idle sessions (MB)",
-        rss,
-        "<= 150 MB at 1,000 sessions",
-        None if rss is None else rss <= 150,
-    )
-    rate = _get(results, "concurrency", "login_rate", "bastion", "vs_openssh_direct")
-    add(
-        "new logins/s, 16 clients, vs OpenSSH direct",
-        rate,
-        ">= 1.0x",
-        None if rate is None else rate >= 1.0,
-    )
-    rate = _get(results, "concurrency", "login_rate", "bastion_fresh", "vs_openssh_direct")
-    add(
-        "new logins/s, 16 clients, upstream reuse off, vs OpenSSH direct",
-        rate,
-        ">= 1.0x",
-        None if rate is None else rate >= 1.0,
-    )
-    return out
+__all__ = ["markdown", "targets"]
 
 
 def _stat(s: dict[str, Any] | None, unit: str = "") -> str:
@@ -135,19 +49,26 @@ def markdown(results: dict[str, Any]) -> str:
         for f in results["failures"][:20]:
             w(f"- {f['section']} {f['run']}: {f['error']}")
         w("")
-    w("## Targets (issue 6)")
+    plots = results.get("plots", {})
+    if plots:
+        w("Charts: " + ", ".join(f"[{k}]({v})" for k, v in plots.items()) + ".")
+        w("")
+    w("## Targets (issues 14 and 6)")
     w("")
-    w("| target | goal | measured | met |")
-    w("|---|---|---|---|")
+    w("| issue | target | goal | measured | met |")
+    w("|---|---|---|---|---|")
     for t in results.get("targets", []):
         met = {True: "yes", False: "**no**", None: "n/a"}[t["met"]]
-        w(f"| {t['target']} | {t['goal']} | {t['value']} | {met} |")
+        w(f"| {t.get('issue', '')} | {t['target']} | {t['goal']} | {t['value']} | {met} |")
     w("")
 
     tp = results.get("throughput")
     if tp:
         sizes = tp.get("bytes", {})
-        w("## 1. Throughput (MB/s, median (min-max); ratio vs OpenSSH jump host)")
+        w(
+            "## 1. Throughput (MB/s, median (min-max); ratios vs the OpenSSH jump host "
+            "and vs the OpenSSH nested hop)"
+        )
         w("")
         w(
             f"download `head -c {sizes.get('download')} /dev/zero`, upload "
@@ -167,6 +88,10 @@ def markdown(results: dict[str, Any]) -> str:
             )
             w(f"### {label}")
             w("")
+            chart = plots.get(f"throughput-{cipher}")
+            if chart:
+                w(f"![throughput, {cipher}]({chart})")
+                w("")
             w("| path | download | upload | both ways |")
             w("|---|---|---|---|")
             for path, title in PATH_NAMES.items():
@@ -178,7 +103,10 @@ def markdown(results: dict[str, Any]) -> str:
                     if e is None:
                         cells.append("n/a")
                         continue
-                    cells.append(f"{_stat(e['mb_s'])} · {e['vs_openssh_jump']}x")
+                    cells.append(
+                        f"{_stat(e['mb_s'])} · {e['vs_openssh_jump']}x · "
+                        f"{e.get('vs_openssh_nested')}x"
+                    )
                 w(f"| {title} | {' | '.join(cells)} |")
             w("")
 
@@ -186,16 +114,28 @@ def markdown(results: dict[str, Any]) -> str:
     if login:
         w("## 2. Login latency (`ssh host true`, curve25519-sha256, aes128-gcm)")
         w("")
-        w("| path | p50 ms | p95 ms | vs OpenSSH jump | vs OpenSSH direct |")
-        w("|---|---|---|---|---|")
+        if plots.get("login-latency"):
+            w(f"![login latency]({plots['login-latency']})")
+            w("")
+        w("| path | p50 ms | p95 ms | vs OpenSSH jump | vs OpenSSH direct | vs nested hop |")
+        w("|---|---|---|---|---|---|")
         for path, title in PATH_NAMES.items():
             e = login["paths"].get(path)
             if e:
                 w(
                     f"| {title} | {e['p50_ms']} | {e['p95_ms']} | {e['vs_openssh_jump']}x | "
-                    f"{e['vs_openssh_direct']}x |"
+                    f"{e['vs_openssh_direct']}x | {e.get('vs_openssh_nested')}x |"
                 )
         w("")
+        jcpu = login.get("jump_host_cpu_ms_per_login", {})
+        if jcpu:
+            w(
+                f"Jump host CPU per login (its sshd processes, read from the sshd master's "
+                f"reaped-children counters): {jcpu.get('openssh_jump')} ms as `-J`, "
+                f"{jcpu.get('openssh_nested')} ms for the nested hop (sshd plus the inner ssh "
+                "client's login to host-102)."
+            )
+            w("")
         cpu = login.get("bastion_cpu_ms_per_login", {})
         w(
             f"Bastion CPU per login: {cpu.get('bastion')} ms (routed session, the person's "
@@ -296,23 +236,31 @@ def markdown(results: dict[str, Any]) -> str:
 
     cpu = results.get("cpu_per_gb")
     if cpu:
-        w("## 6. CPU seconds per relayed GB (median (min-max))")
+        w("## 6. CPU seconds per relayed GB (median (min-max) · bastion vs nested hop)")
         w("")
         w("| cipher | path | download | upload | both ways |")
         w("|---|---|---|---|---|")
         for cipher in ("aes128-gcm", "default"):
-            for path in ("bastion", "bastion_jump", "openssh_jump"):
+            for path in ("bastion", "bastion_jump", "openssh_jump", "openssh_nested"):
                 if _get(cpu, cipher, "download", path) is None:
                     continue
-                cells = [
-                    _stat(_get(cpu, cipher, d, path, "cpu_s_per_gb"))
-                    for d in ("download", "upload", "both")
-                ]
-                title = "OpenSSH jump host's sshd" if path == "openssh_jump" else PATH_NAMES[path]
+                cells = []
+                for d in ("download", "upload", "both"):
+                    cell = _stat(_get(cpu, cipher, d, path, "cpu_s_per_gb"))
+                    vs = _get(cpu, cipher, d, path, "vs_openssh_nested")
+                    cells.append(f"{cell} · {vs}x" if vs is not None else cell)
+                title = {
+                    "openssh_jump": "OpenSSH jump host's sshd",
+                    "openssh_nested": "nested hop: jump host's sshd + inner ssh",
+                }.get(path, PATH_NAMES[path])
                 w(f"| {cipher} | {title} | {' | '.join(cells)} |")
         w("")
         w(f"Method: {cpu.get('method', '')}.")
         w("")
+
+    scale = results.get("scale")
+    if scale:
+        lines.extend(_scale(scale, plots))
 
     loads = meta.get("loadavg_before_section")
     if loads:
@@ -332,3 +280,97 @@ def markdown(results: dict[str, Any]) -> str:
         )
         w("")
     return "\n".join(lines)
+
+
+def _scale(scale: dict[str, Any], plots: dict[str, str]) -> list[str]:
+    lines: list[str] = []
+    w = lines.append
+    w("## 7. Scale: workers, parallel downloads, fresh logins, 10,000 idle sessions")
+    w("")
+    if plots.get("scale"):
+        w(f"![scale]({plots['scale']})")
+        w("")
+    for key, note in scale.get("notes", {}).items():
+        w(f"- {key}: {note}")
+    w("")
+    par = scale.get("parallel_downloads")
+    if par:
+        w(
+            f"Aggregate throughput of parallel downloads ({par['cipher']}, "
+            f"{par['total_bytes']} bytes per run split over the streams; bastions with upstream "
+            "reuse off, so that each download has its own upstream connection as with OpenSSH), "
+            "MB/s median (min-max):"
+        )
+        w("")
+        counts = [k for k in par if k.isdigit()]
+        w("| path | " + " | ".join(f"{c} downloads" for c in counts) + " |")
+        w("|---|" + "---|" * len(counts))
+        for path, title in PATH_NAMES.items():
+            if not any(_get(par, c, path) for c in counts):
+                continue
+            cells = []
+            for c in counts:
+                e = _get(par, c, path)
+                if not e:
+                    cells.append("n/a")
+                    continue
+                cpu = e.get("bastion_cpu_s_per_gb")
+                extra = f", bastion {cpu['median']} CPU s/GB" if cpu else ""
+                cells.append(f"{_stat(e['mb_s'])} ({e['machine_cpus_busy']} CPUs busy{extra})")
+            w(f"| {title} | {' | '.join(cells)} |")
+        w("")
+        ratios = {c: _get(par, c, "w2_vs_w1") for c in counts}
+        w(
+            "workers = 2 vs workers = 1: "
+            + ", ".join(
+                f"{c} downloads {'n/a' if r is None else f'{r}x'}" for c, r in ratios.items()
+            )
+        )
+        w("")
+    logins = scale.get("logins")
+    if logins:
+        w(
+            f"Fresh logins per second, {logins['clients']} parallel `ssh host true` clients for "
+            f"{logins['seconds']} s (bastions with upstream reuse off):"
+        )
+        w("")
+        w(
+            "| path | logins/s | failed | vs OpenSSH direct | bastion CPU ms/login "
+            "| machine CPU ms/login |"
+        )
+        w("|---|---|---|---|---|---|")
+        for path, title in PATH_NAMES.items():
+            e = logins.get(path)
+            if isinstance(e, dict):
+                w(
+                    f"| {title} | {e['logins_per_s']} | {e['failed']} | "
+                    f"{e['vs_openssh_direct']}x | {e.get('bastion_cpu_ms_per_login', '')} | "
+                    f"{e['machine_cpu_ms_per_login']} |"
+                )
+        w("")
+        if "w2_vs_w1" in logins:
+            w(f"workers = 2 vs workers = 1: {logins['w2_vs_w1']}x.")
+            w("")
+    idle = scale.get("idle")
+    if idle:
+        w(
+            f"Idle sessions through one bastion (RSS {idle['bastion_rss_before_mb']} MB before; "
+            f"{idle['method']}):"
+        )
+        w("")
+        if plots.get("idle-rss"):
+            w(f"![bastion memory against idle sessions]({plots['idle-rss']})")
+            w("")
+        w(
+            "| sessions | failed | open s (cumulative) | RSS MB | PSS MB | bastion processes "
+            "| host-102 processes |"
+        )
+        w("|---|---|---|---|---|---|---|")
+        for p in idle.get("points", []):
+            w(
+                f"| {p['sessions']} | {p['failed']} | {p['step_seconds']} "
+                f"({p['open_seconds']}) | {p['rss_mb']} | {p['pss_mb']} | "
+                f"{p['bastion_processes']} | {p['host_processes']} |"
+            )
+        w("")
+    return lines

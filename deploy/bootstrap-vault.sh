@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepares Vault/OpenBao for the bastion: an SSH CA that signs one short-lived
 # user certificate per login, KV v2 for the bastion's own secrets (its Consul
-# token), a narrow policy, and an AppRole the bastion logs in with.
+# token), the TOTP engine for the second factor (docs/mfa.md; the bastion may
+# only check codes there), a narrow policy, and an AppRole the bastion logs in with.
 #
 #   VAULT_ADDR=https://vault:8200 VAULT_TOKEN=<admin token> \
 #     deploy/bootstrap-vault.sh --out DIR [--ttl 5m] [--max-ttl 10m]
@@ -25,6 +26,7 @@ ROLE="bastion"
 POLICY="bastion"
 APPROLE_MOUNT="approle"
 KV_MOUNT="secret"
+TOTP_MOUNT="totp"  # [access] totp_mount: the second factor's codes (docs/mfa.md)
 EXTENSIONS="permit-pty,permit-user-rc,permit-agent-forwarding,permit-port-forwarding"
 
 out=""
@@ -124,7 +126,7 @@ role_json=$(cat <<EOF
     "permit-agent-forwarding": "",
     "permit-port-forwarding": ""
   },
-  "allowed_critical_options": "",
+  "allowed_critical_options": "source-address",
   "ttl": "$ttl",
   "max_ttl": "$max_ttl"
 }
@@ -149,6 +151,14 @@ else
   step "KV v2 at $KV_MOUNT/ present"
 fi
 
+# --- TOTP engine (the second factor; people are enrolled by operators) -------
+if absent "no secret engine mount" sys/mounts/"$TOTP_MOUNT"; then
+  v secrets enable -path="$TOTP_MOUNT" -description="bastion: second factor (TOTP)" totp >/dev/null
+  step "enabled totp secrets engine at $TOTP_MOUNT/"
+else
+  step "totp secrets engine at $TOTP_MOUNT/ present"
+fi
+
 # --- policy -----------------------------------------------------------------
 policy=$(cat <<EOF
 # bastion: sign per-login certificates, read its own secrets, keep its token alive
@@ -157,6 +167,10 @@ path "$MOUNT/sign/$ROLE" {
 }
 path "$KV_MOUNT/data/bastion/*" {
   capabilities = ["read"]
+}
+# check a person's TOTP code (never read or create keys: operators enrol people)
+path "$TOTP_MOUNT/code/*" {
+  capabilities = ["update"]
 }
 path "auth/token/renew-self" {
   capabilities = ["update"]

@@ -151,6 +151,7 @@ def run_demo(workdir: Path | None, port: int, bastions: int = 1) -> int:
         env = (
             f"CONSUL_HTTP_ADDR={consul.http_addr} CONSUL_HTTP_TOKEN=$(cat {tokens}/operator.token)"
         )
+        mfa_entry = f'{{"route": "{where("host-102")}", "mfa": "totp"}}'
         print(
             f"""
 The bastion is up. Log in as alice (lands on host-102):
@@ -166,6 +167,15 @@ Move alice to host-101, as an operator would, and log in again:
 Explain where alice goes, and why:
 
     {devstack.bastion_bin()} route alice --config {bastion.config}
+
+Ask alice for a TOTP code after her key (docs/mfa.md): enrol her (scan
+alice.png, or give the otpauth:// URL to an authenticator app), then:
+
+    BAO_ADDR={bao.addr} BAO_TOKEN={bao.root_token} {devstack.bao_bin()} write \\
+        -field=barcode totp/keys/alice generate=true issuer=bastion account_name=alice \\
+        | base64 -d > alice.png
+    {env} \\
+        {devstack.consul_bin()} kv put users/alice '{mfa_entry}'
 
 The hosts listen on their own ports here ({where("host-101")}, {where("host-102")}):
 routes name them; in a fleet a bare node name means port 22.

@@ -149,6 +149,7 @@ def seed(agent: ConsulAgent) -> None:
         "ssh-keys/alice": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExample alice",
         "host-keys/host-102": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHost host-102",
         "secret/x": "do-not-read",
+        "grants/alice/host-103": '{"route": "host-103", "expires": 1}',
     }.items():
         agent.kv_put(key, value)
     agent.register_node("host-101", "127.0.0.101")
@@ -303,6 +304,12 @@ PERMISSIONS: list[tuple[str, str, str, Any, int | str]] = [
     ("bastion", "PUT", "/v1/catalog/deregister", {"Node": "host-102"}, 403),
     ("bastion", "PUT", "/v1/event/fire/deploy", None, 403),
     ("bastion", "PUT", "/v1/session/create", {}, 403),
+    # grants: the bastion reads them, never writes one
+    ("bastion", "GET", "/v1/kv/grants/alice/host-103", None, 200),
+    ("bastion", "GET", "/v1/kv/grants/?recurse", None, "nonempty"),
+    ("bastion", "PUT", "/v1/kv/grants/alice/host-101", b'{"route": "host-101"}', 403),
+    ("bastion", "DELETE", "/v1/kv/grants/alice/host-103", None, 403),
+    ("bastion", "PUT", "/v1/session/create", {"TTL": "10s", "Behavior": "delete"}, 403),
     ("bastion", "GET", "/v1/operator/raft/configuration", None, 403),
     ("bastion", "GET", "/v1/snapshot", None, 403),
     # --- operator: writes the directory, reads nodes, nothing else
@@ -313,6 +320,12 @@ PERMISSIONS: list[tuple[str, str, str, Any, int | str]] = [
     ("operator", "GET", "/v1/kv/users/?recurse", None, "nonempty"),
     ("operator", "GET", "/v1/catalog/node/host-102", None, "nonempty"),
     ("operator", "GET", "/v1/catalog/nodes", None, "nonempty"),
+    ("operator", "PUT", "/v1/kv/grants/bob/host-101", b'{"route": "host-101"}', 200),
+    ("operator", "DELETE", "/v1/kv/grants/bob/host-101", None, 200),
+    ("operator", "GET", "/v1/kv/grants/?recurse", None, "nonempty"),
+    ("operator", "PUT", "/v1/kv/grants", b"x", 403),
+    # sessions on the managed agent's node only (not another node's locks)
+    ("operator", "PUT", "/v1/session/create", {"Node": "host-101", "TTL": "10s"}, 403),
     ("operator", "PUT", "/v1/kv/secret/x", b"x", 403),
     ("operator", "GET", "/v1/kv/secret/x", None, 403),
     ("operator", "PUT", "/v1/kv/users-archive/x", b"x", 403),
@@ -385,10 +398,16 @@ PERMISSIONS: list[tuple[str, str, str, Any, int | str]] = [
     ("agent-reload", "PUT", "/v1/acl/token", {"Description": "evil"}, 403),
     ("agent-reload", "GET", "/v1/operator/raft/configuration", None, 403),
     ("agent-reload", "PUT", "/v1/event/fire/deploy", None, 403),
+    ("agent-reload", "GET", "/v1/kv/grants/alice/host-103", None, 403),
+    ("agent-reload", "PUT", "/v1/session/create", {"TTL": "10s"}, 403),
     # --- anonymous (no token): nothing
     ("anonymous", "GET", "/v1/kv/users/alice", None, 403),
     ("anonymous", "GET", "/v1/kv/ssh-keys/alice", None, 403),
     ("anonymous", "GET", "/v1/kv/?recurse", None, 404),
+    ("anonymous", "GET", "/v1/kv/grants/alice/host-103", None, 403),
+    ("anonymous", "GET", "/v1/kv/grants/?recurse", None, 404),
+    ("anonymous", "PUT", "/v1/kv/grants/alice/host-101", b'{"route": "host-101"}', 403),
+    ("anonymous", "PUT", "/v1/session/create", {"TTL": "10s"}, 403),
     ("anonymous", "PUT", "/v1/kv/users/alice", b"host-666", 403),
     ("anonymous", "GET", "/v1/catalog/nodes", None, "empty"),
     ("anonymous", "GET", "/v1/catalog/node/host-102", None, "empty"),
@@ -424,8 +443,38 @@ def test_bastion_sees_only_its_prefixes_from_the_root(kit: Kit) -> None:
     status, entries = kit.call("bastion", "GET", "/v1/kv/?recurse")
     assert status == 200
     keys = {e["Key"] for e in entries}
-    assert {"users/alice", "ssh-keys/alice", "host-keys/host-102"} <= keys
-    assert all(k.startswith(("users/", "ssh-keys/", "host-keys/")) for k in keys), keys
+    assert {"users/alice", "ssh-keys/alice", "host-keys/host-102", "grants/alice/host-103"} <= keys
+    assert all(k.startswith(("users/", "ssh-keys/", "host-keys/", "grants/")) for k in keys), keys
+
+
+def test_grant_lifecycle_by_token(kit: Kit) -> None:
+    """A grant as `bastion grant` writes it: the operator creates a session
+    (TTL, Behavior delete) and acquires the key; the bastion reads it but can
+    neither take it over nor end its session; destroying the session makes
+    Consul delete the key."""
+    status, session = kit.call(
+        "operator",
+        "PUT",
+        "/v1/session/create",
+        {"Name": "grant", "TTL": "30s", "Behavior": "delete", "LockDelay": "0s"},
+    )
+    assert status == 200, session
+    sid = session["ID"]
+    value = b'{"route": "host-101", "expires": 4102444800}'
+    path = "/v1/kv/grants/carol/host-101"
+    assert kit.call("operator", "PUT", f"{path}?acquire={sid}", value) == (200, True)
+    status, entries = kit.call("bastion", "GET", path)
+    assert status == 200 and entries[0]["Session"] == sid
+    # the bastion: no release, no writing over it, no ending the session
+    assert kit.call("bastion", "PUT", f"{path}?release={sid}", value)[0] == 403
+    assert kit.call("bastion", "PUT", path, b"{}")[0] == 403
+    assert kit.call("bastion", "PUT", f"/v1/session/destroy/{sid}")[0] == 403
+    assert kit.call("bastion", "PUT", f"/v1/session/renew/{sid}")[0] == 403
+    assert kit.call("anonymous", "PUT", f"/v1/session/destroy/{sid}")[0] == 403
+    assert kit.call("bastion", "GET", path)[0] == 200
+    # the operator ends it: Consul deletes the key (Behavior delete)
+    assert kit.call("operator", "PUT", f"/v1/session/destroy/{sid}") == (200, True)
+    assert kit.call("bastion", "GET", path)[0] == 404
 
 
 def test_bastion_reads_node_address_and_health(kit: Kit) -> None:
@@ -821,13 +870,14 @@ def test_policy_files_use_portable_grammar() -> None:
             ("key_prefix", "users/", "read"),
             ("key_prefix", "ssh-keys/", "read"),
             ("key_prefix", "host-keys/", "read"),
+            ("key_prefix", "grants/", "read"),
             ("node_prefix", "", "read"),
             ("service", "ssh-bastion", "write"),
         ]
     )
-    # nothing besides those five blocks (no top-level acl/agent/operator rules)
+    # nothing besides those six blocks (no top-level acl/agent/operator rules)
     code = re.sub(r"#.*", "", files["bastion"])
-    assert len(re.findall(r"\bpolicy\s*=", code)) == 5
+    assert len(re.findall(r"\bpolicy\s*=", code)) == 6
     assert not re.search(r"^\s*(acl|operator|keyring)\s*=", code, re.M)
     # agent-reload: agent write on the one node the script puts in, nothing else
     code = re.sub(r"#.*", "", files["agent-reload"])

@@ -1,6 +1,7 @@
 """``python -m bench.run --quick`` runs end to end on the real stack and writes
-every section of the results; numbers are checked for presence and sign only
-(timing depends on the machine, so nothing here asserts a speed)."""
+every section of the results and its charts; numbers are checked for presence
+and sign only (timing depends on the machine, so nothing here asserts a
+speed)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PATHS = ("openssh_direct", "openssh_jump", "bastion", "bastion_jump")
+PATHS = ("openssh_direct", "openssh_jump", "openssh_nested", "bastion", "bastion_jump")
 LOGIN_PATHS = (*PATHS, "bastion_fresh")  # logins also with upstream reuse off
+RATE_PATHS = ("openssh_direct", "openssh_jump", "bastion", "bastion_jump", "bastion_fresh")
+CHARTS = ("throughput-aes128-gcm", "throughput-default", "login-latency", "idle-rss", "scale")
 
 
 def positive(value: Any, where: str) -> None:
@@ -24,14 +27,14 @@ def positive(value: Any, where: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)
 def test_quick_bench_writes_every_section(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "bench.run", "--quick", "--out", str(tmp_path)],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=230,
+        timeout=290,
         check=False,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -47,14 +50,19 @@ def test_quick_bench_writes_every_section(tmp_path: Path) -> None:
                 e = tp[cipher][direction][path]
                 positive(e["mb_s"]["median"], f"throughput {cipher} {direction} {path}")
                 positive(e["vs_openssh_jump"], f"ratio {cipher} {direction} {path}")
+                positive(e["vs_openssh_nested"], f"nested ratio {cipher} {direction} {path}")
 
     login = results["login"]
     for path in LOGIN_PATHS:
         positive(login["paths"][path]["p50_ms"], f"login p50 {path}")
         positive(login["paths"][path]["p95_ms"], f"login p95 {path}")
+        samples = login["paths"][path]["samples_ms"]
+        assert len(samples) == results["meta"]["plan"]["logins"], path
     for path in ("bastion", "bastion_jump", "bastion_fresh"):
         # CPU is read in clock ticks (10 ms): a few fast logins may round to 0
         assert login["bastion_cpu_ms_per_login"][path] >= 0
+    for path in ("openssh_jump", "openssh_nested"):
+        assert login["jump_host_cpu_ms_per_login"][path] >= 0
 
     prop = results["route_propagation"]
     positive(prop["in_force_ms"]["p50"], "propagation p50")
@@ -67,9 +75,11 @@ def test_quick_bench_writes_every_section(tmp_path: Path) -> None:
     assert idle["sessions"] == results["meta"]["plan"]["idle_sessions"]
     positive(idle["rss_mb"], "idle RSS")
     positive(conc["idle"]["openssh_jump"]["pss_mb"], "jump host PSS")
-    for path in LOGIN_PATHS:
+    for path in RATE_PATHS:
         positive(conc["login_rate"][path]["logins_per_s"], f"logins/s {path}")
         assert conc["login_rate"][path]["failed"] == 0
+
+    check_scale(results)
 
     sig = results["signing"]
     for signer in ("vault", "local_ca"):
@@ -79,11 +89,48 @@ def test_quick_bench_writes_every_section(tmp_path: Path) -> None:
     cpu = results["cpu_per_gb"]
     for cipher in ("aes128-gcm", "default"):
         for direction in ("download", "upload", "both"):
-            for path in ("bastion", "bastion_jump", "openssh_jump"):
+            for path in ("bastion", "bastion_jump", "openssh_jump", "openssh_nested"):
                 assert cpu[cipher][direction][path]["cpu_s_per_gb"]["median"] >= 0
 
-    names = [t["target"] for t in results["targets"]]
-    assert len(names) == 20 and all(t["value"] is not None for t in results["targets"])
+    # without [server] workers in the bastion, the workers = 2 rows are "not available"
+    workers = "bastion_fresh_w2" in results["scale"]["parallel_downloads"]["4"]
+    unmeasured = {t["target"] for t in results["targets"] if t["value"] is None}
+    assert len(results["targets"]) == 35
+    assert all("workers = 2" in name for name in unmeasured), unmeasured
+    assert not unmeasured or not workers, unmeasured
+
+    assert set(results["plots"]) == set(CHARTS)
+    markdown = (tmp_path / "quick.md").read_text()
+    for chart in CHARTS:
+        png = tmp_path / f"quick-{chart}.png"
+        assert png.read_bytes().startswith(b"\x89PNG"), chart
+        assert f"]({png.name})" in markdown, chart  # linked, relative
+
+
+def check_scale(results: dict[str, Any]) -> None:
+    scale = results["scale"]
+    plan = results["meta"]["plan"]
+    for streams in plan["parallel_counts"]:
+        table = scale["parallel_downloads"][str(streams)]
+        for path in ("openssh_direct", "openssh_jump", "openssh_nested", "bastion_fresh_w1"):
+            positive(table[path]["mb_s"]["median"], f"{streams} downloads {path}")
+        if "bastion_fresh_w2" in table:
+            positive(table["w2_vs_w1"], f"{streams} downloads w2 vs w1")
+        else:
+            notes = scale["notes"]
+            assert notes["bastion_fresh_w2"].startswith("not available"), notes
+    logins = scale["logins"]
+    assert logins["clients"] == 32
+    for path in ("openssh_direct", "openssh_jump", "openssh_nested", "bastion_fresh_w1"):
+        positive(logins[path]["logins_per_s"], f"fresh logins/s {path}")
+        assert logins[path]["failed"] == 0, path
+    points = scale["idle"]["points"]
+    assert [p["sessions"] for p in points] == plan["idle_steps"]
+    assert all(p["failed"] == 0 for p in points)
+    for p in points:
+        positive(p["rss_mb"], f"idle RSS at {p['sessions']}")
+        # every session holds a process on host-102; sshd processes besides
+        assert p["host_processes"] > p["sessions"]
 
 
 @pytest.mark.slow

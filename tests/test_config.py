@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from bastion.config import load_settings, split_host_port
+from bastion.addresses import split_host_port
+from bastion.config import load_settings
 from bastion.errors import ConfigError
 from bastion.secretfiles import read_secret_file
 

@@ -160,6 +160,7 @@ def test_correct_stack_all_pass_with_the_management_token(
         "bastion token: read health",
         "bastion token: service maintenance",
         "bastion token: no write users/",
+        "bastion token: no write grants/",
         "bastion token: no write elsewhere",
         "bastion token: no read secret-probe/",
         "bastion token: no acl list",

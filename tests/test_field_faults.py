@@ -995,17 +995,18 @@ def test_turned_away_connection_is_told_why(
 def test_tracebacks_are_not_chained_to_the_uvloop_import(tmp_path: Path) -> None:
     script = textwrap.dedent(
         """
-        import logging, sys
-        import bastion.app, bastion.cli
+        import logging, sys, types
+        import bastion.serving, bastion.cli
 
-        async def serve(settings, drain_timeout):
+        async def serve(settings, drain_timeout, role=None):
             try:
                 raise RuntimeError("boom")
             except RuntimeError:
                 logging.getLogger("bastion").exception("something failed")
 
-        bastion.app.serve = serve
-        bastion.cli.load_settings = lambda path: None
+        bastion.serving.serve = serve
+        one_process = types.SimpleNamespace(server=types.SimpleNamespace(workers=1))
+        bastion.cli.load_settings = lambda path: one_process
         sys.exit(bastion.cli.main(["serve", "--config", "unused.toml"]))
         """
     )

@@ -17,12 +17,23 @@ PACKAGE = Path(__file__).resolve().parent.parent / "bastion"
 LAYERS: list[set[str]] = [
     {"errors", "events"},
     {"fastpath"},  # version-pinned asyncssh patches; config reads its feature names
-    {"config", "model", "secretfiles", "access_settings"},
+    {"addresses", "config", "model", "secretfiles", "access_settings"},
     {"identity", "trust", "directory", "credentials", "service"},
     {"policy"},
     {"core"},
-    {"audit", "metrics", "recording"},  # observers: subscribe to events, tap sessions
-    {"admin", "app", "check", "cli", "doctor", "register"},
+    {"audit", "metrics", "recording", "httpd"},  # observers: subscribe to events, tap sessions
+    {
+        "admin",
+        "app",
+        "check",
+        "cli",
+        "doctor",
+        "grants",
+        "register",
+        "revocation",
+        "serving",
+        "workers",
+    },
 ]
 # the one allowed exception: `bastion demo` starts the dev stack (lazily)
 OUTSIDE_ALLOWED = {("cli", "devstack")}

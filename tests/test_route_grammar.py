@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from bastion.config import consul_base_url, parse_settings
+from bastion.addresses import consul_base_url
+from bastion.config import parse_settings
 from bastion.directory.grammar import RouteTable, parse_route
 from bastion.directory.watch import next_index
 from bastion.errors import ConfigError, MalformedRoute, NoRoute

@@ -229,6 +229,7 @@ class ChannelRequests(asyncssh.SSHServer):
             )
         stats = self._channel_stats("tunnel")
         stats.detail["target"] = dest.label
+        stats.detail["jump"] = (host, port)  # as asked: re-checked when access changes
         relay = TunnelRelay(stats, self._channel_ended)
         try:
             return await open_tcp_tunnel(relay, dest.host, dest.port, self._ctx.tunnel_timeout)

@@ -17,16 +17,18 @@ import logging
 import secrets
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import asyncssh
 
 from bastion.config import ServerSettings
 from bastion.core import refusal
-from bastion.core.channels import ChannelRequests
+from bastion.core.keywitness import AuthKey, KeyWitness
+from bastion.core.limits import PersonLimits, SessionCounter
 from bastion.core.relay import SessionTap
-from bastion.core.sshd_compat import count_auth_failures, handle_no_more_sessions, turn_away
+from bastion.core.second_factor import FactorCheck, SecondFactorGate
+from bastion.core.sshd_compat import count_auth_failures, handle_no_more_sessions
 from bastion.core.upstream import UpstreamLease
 from bastion.errors import (
     BastionError,
@@ -46,7 +48,7 @@ from bastion.events import (
     LoginRefused,
 )
 from bastion.identity import KeyDirectory, valid_user_name
-from bastion.model import ForwardingPolicy, TunnelPlan, UpstreamPlan
+from bastion.model import AccessRules, ForwardingPolicy, TunnelPlan, UpstreamPlan
 
 if TYPE_CHECKING:
     from bastion.core.listener import ConnectionRegistry
@@ -60,6 +62,8 @@ class Policy(Protocol):
     def decide(self, user: str, key_id: str) -> UpstreamPlan: ...
     def forwarding(self, user: str) -> ForwardingPolicy: ...
     def tunnel(self, user: str, host: str, port: int) -> TunnelPlan: ...
+    def second_factor(self, user: str) -> str | None: ...
+    def admit(self, user: str, source_ip: str) -> AccessRules: ...
 
 
 class Connector(Protocol):
@@ -87,6 +91,10 @@ class ServerContext:
     tunnel_timeout: float = 10.0
     # opens a tap (e.g. a recording) for a session, or None not to tap it
     recorder: Recorder | None = None
+    # checks second-factor codes (credentials/totp), None without [vault]
+    second_factor: FactorCheck | None = None
+    # open sessions per person at this bastion ("max_sessions"; core/limits)
+    sessions: SessionCounter = field(default_factory=SessionCounter)
 
 
 class Recorder(Protocol):
@@ -95,7 +103,7 @@ class Recorder(Protocol):
     def open(self, plan: UpstreamPlan, session_id: str, source: str) -> SessionTap | None: ...
 
 
-class BastionConnection(ChannelRequests):
+class BastionConnection(PersonLimits):
     """Callbacks for one person's connection (its channels: :class:`ChannelRequests`)."""
 
     def __init__(self, ctx: ServerContext, registry: ConnectionRegistry) -> None:
@@ -118,8 +126,10 @@ class BastionConnection(ChannelRequests):
         self._channels = 0
         self._refusal: BastionError | None = None
         self._auth_failures = 0
+        self._keys_seen: KeyWitness | None = None  # which key logged in (revocation)
         # the method (and offered key's fingerprint) of the attempt under way
         self._attempt: tuple[str, str | None] = ("publickey", None)
+        self._factor: SecondFactorGate | None = None
         self._auth_seconds: float | None = None
         self._no_more_sessions = False
         self._sessions = 0
@@ -136,37 +146,19 @@ class BastionConnection(ChannelRequests):
         self.source = f"{peer[0]}:{peer[1]}"
         admitted = self._registry.admit(self)
         self._ctx.events.emit(ConnectionAccepted(self.conn_id, self.source, admitted))
-        if not admitted:
-            dropped = self._registry.note_dropped()
-            if dropped:  # at most once a second, with the count since the last line
-                log.warning(
-                    "dropped %d connection(s) (the last from %s): %d unauthenticated "
-                    "connections already",
-                    dropped,
-                    self.source,
-                    self._ctx.settings.max_unauthenticated,
-                )
-            # after asyncssh has sent its version line (it does so when this
-            # returns): a disconnect packet before it is garbage to the client
-            # ("banner line contains invalid characters"); after it, OpenSSH
-            # prints "Received disconnect ...: too many ..." and exits 255
-            self._refusal = TooManyConnections(
-                "too many unauthenticated connections, try again later"
-            )
-            asyncio.get_running_loop().call_soon(
-                turn_away,
-                conn,
-                asyncssh.DISC_TOO_MANY_CONNECTIONS,
-                f"bastion: {self._refusal.user_message}",
-            )
+        if not admitted:  # MaxStartups full: told why (ConnectionRegistry.turn_away)
+            self._refusal = self._registry.turn_away(conn, self.source)
             return
         self._counted_unauth = True
         count_auth_failures(conn, self._auth_failed)
+        # a TOTP code after the key, when policy says so (core/second_factor)
+        self._factor = SecondFactorGate(conn, self, self._ctx, self._disconnect)
         handle_no_more_sessions(conn, self._set_no_more_sessions)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._leave_unauth()
-        self._registry.remove(self)
+        self._limits_stop()
+        self._registry.remove(self, exc)  # its end may earn its source a penalty
         for listener in self._listeners:
             listener.close()
         # channels relayed for this connection close with it; a shared
@@ -244,6 +236,22 @@ class BastionConnection(ChannelRequests):
     def plan(self) -> UpstreamPlan | None:
         return self._plan
 
+    @property
+    def refusal(self) -> BastionError | None:
+        """Why the connection was refused or ended, if it was (penalties read it)."""
+        return self._refusal
+
+    @property
+    def auth_failures(self) -> int:
+        return self._auth_failures
+
+    @property
+    def auth_key(self) -> AuthKey | None:
+        """The key (or user CA key) this connection logged in with; None before
+        authentication or after a password login."""
+        seen = self._keys_seen
+        return seen.matched if seen is not None and self._authenticated else None
+
     def end(self, why: str, error: type[SessionEnded] = SessionEnded) -> None:
         """End this connection on an operator's word; the person reads ``why``.
         Its open channels' records say so (not "ok")."""
@@ -263,7 +271,7 @@ class BastionConnection(ChannelRequests):
     def _leave_unauth(self) -> None:
         if self._counted_unauth:
             self._counted_unauth = False
-            self._registry.left_unauth()
+            self._registry.left_unauth(self)
 
     # -- authentication ------------------------------------------------------
 
@@ -279,7 +287,8 @@ class BastionConnection(ChannelRequests):
         if self.conn is None:
             return True
         if keys is not None:
-            self.conn.set_authorized_keys(keys)
+            self._keys_seen = KeyWitness(keys)
+            self.conn.set_authorized_keys(self._keys_seen)
         if isinstance(problem, DirectoryUnavailable):
             # no login can be routed now, so none is authenticated: say why in
             # a disconnect, which the client shows whatever its LogLevel (an
@@ -312,9 +321,14 @@ class BastionConnection(ChannelRequests):
     def get_kbdint_challenge(
         self, username: str, lang: str, submethods: str
     ) -> tuple[str, str, str, list[tuple[str, bool]]]:
+        if self._factor is not None and self._factor.pending_for(username):
+            return self._factor.challenge()
         return "", "", "", [("Password: ", False)]
 
     async def validate_kbdint_response(self, username: str, responses: Sequence[str]) -> bool:
+        if self._factor is not None and self._factor.pending_for(username):
+            self._attempt = ("totp", None)
+            return await self._factor.check_response(username, responses)
         self._attempt = ("keyboard-interactive", None)
         if len(responses) != 1:
             return False
@@ -345,6 +359,7 @@ class BastionConnection(ChannelRequests):
         self._refusal = None  # an earlier failed method does not make this a refusal
         self._auth_seconds = time.monotonic() - self._started
         self._leave_unauth()
+        self._admit()  # "disabled", "from", the person's limits (core/limits)
 
     # -- the upstream connection (one per person's connection) ---------------
 
@@ -361,6 +376,8 @@ class BastionConnection(ChannelRequests):
                     self.user, f"bastion:{self.user}:{self.conn_id}"
                 )
             plan = self._plan
+            if self._factor is not None and self._authenticated:  # entry changed since?
+                self._factor.recheck(self.user)
             route_seconds = time.monotonic() - started
             agent_path = None
             if plan.policy.agent_forwarding and self.conn is not None:
@@ -406,6 +423,7 @@ class BastionConnection(ChannelRequests):
                 auth_seconds=self._auth_seconds,
                 route_seconds=route_seconds,
                 sign_seconds=None if lease.reused else details.sign_seconds,
+                mfa=self._factor.passed if self._factor is not None else None,
             )
         )
         if lease.reused:

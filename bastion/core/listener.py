@@ -1,6 +1,11 @@
 """The listener: start, stop accepting, drain, close; the registry of live
-connections and the bound on unauthenticated ones; listing and ending live
-connections (``bastion sessions``, ``bastion kill``).
+connections and the bounds on unauthenticated ones (in all and per source);
+listing and ending live connections (``bastion sessions``, ``bastion kill``).
+
+Accepted connections pass the gate (:mod:`bastion.core.gate`: PROXY
+protocol, PerSourcePenalties, PerSourceMaxStartups, MaxStartups) before
+asyncssh sees them; each connection's end is weighed for a penalty here
+(:func:`penalty_kind`).
 """
 
 from __future__ import annotations
@@ -8,25 +13,39 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import asyncssh
 
+from bastion.access_settings import PenaltySettings, parse_net_block_size, parse_networks
+from bastion.config import ServerSettings
 from bastion.core.frontdoor import BastionConnection, ServerContext
-from bastion.errors import ConfigError, Drained, ShutDown
+from bastion.core.gate import PROXY_DEADLINE, Gate, raise_fd_limit
+from bastion.core.penalties import PenaltyBox, PenaltyStart
+from bastion.core.sshd_compat import turn_away
+from bastion.errors import AccessDenied, ConfigError, Drained, ShutDown, TooManyConnections
+from bastion.events import PenaltyStarted
 
 log = logging.getLogger("bastion.frontdoor")
 
 
 class ConnectionRegistry:
-    """Live connections, and the bound on unauthenticated ones."""
+    """Live connections; the unauthenticated ones in all and per source block
+    (the bound at ``full`` and PerSourceMaxStartups); where each one's end
+    earns its source a penalty (PerSourcePenalties)."""
 
-    def __init__(self, max_unauthenticated: int) -> None:
-        self._max_unauth = max_unauthenticated
+    def __init__(self, max_unauthenticated: int, penalties: PenaltyBox | None = None) -> None:
+        self.max_unauth = max_unauthenticated
         self._unauth = 0
+        self._per_block: Counter[str] = Counter()
+        self._blocks: dict[BastionConnection, tuple[str, str]] = {}  # unauth: (address, block)
+        self._penalties = (
+            penalties if penalties is not None else PenaltyBox(PenaltySettings(enabled=False))
+        )
         self._dropped = 0  # turned away since the last log line
         self._dropped_logged = -1.0
         self.live: set[BastionConnection] = set()
@@ -34,12 +53,39 @@ class ConnectionRegistry:
         self.empty.set()
 
     def admit(self, conn: BastionConnection) -> bool:
-        if self._unauth >= self._max_unauth:
+        if self._unauth >= self.max_unauth:
             return False
         self._unauth += 1
+        address = _address(conn)
+        block = self._penalties.block(address)
+        self._per_block[block] += 1
+        self._blocks[conn] = (address, block)
         self.live.add(conn)
         self.empty.clear()
         return True
+
+    def turn_away(self, conn: asyncssh.SSHServerConnection, source: str) -> TooManyConnections:
+        """Turn away a connection over MaxStartups ``full`` with a message the
+        client prints; the error, for the connection's record.
+
+        Sent after asyncssh's version line (it is sent when connection_made
+        returns): a disconnect packet before it is garbage to the client
+        ("banner line contains invalid characters"); after it, OpenSSH prints
+        "Received disconnect ...: too many ..." and exits 255."""
+        dropped = self.note_dropped()
+        if dropped:  # at most once a second, with the count since the last line
+            log.warning(
+                "dropped %d connection(s) (the last from %s): %d unauthenticated "
+                "connections already",
+                dropped,
+                source,
+                self.max_unauth,  # MaxStartups full
+            )
+        error = TooManyConnections("too many unauthenticated connections, try again later")
+        asyncio.get_running_loop().call_soon(
+            turn_away, conn, asyncssh.DISC_TOO_MANY_CONNECTIONS, f"bastion: {error.user_message}"
+        )
+        return error
 
     def note_dropped(self) -> int:
         """Count a turned-away connection; the count to log now (0: not yet)."""
@@ -50,18 +96,50 @@ class ConnectionRegistry:
         count, self._dropped, self._dropped_logged = self._dropped, 0, now
         return count
 
-    def left_unauth(self) -> None:
+    def left_unauth(self, conn: BastionConnection | None = None) -> None:
         self._unauth -= 1
+        found = self._blocks.pop(conn, None) if conn is not None else None
+        if found is not None:
+            self._per_block[found[1]] -= 1
+            if not self._per_block[found[1]]:
+                del self._per_block[found[1]]
 
     @property
     def unauthenticated(self) -> int:
         """Connections admitted and not yet authenticated (a metrics gauge reads it)."""
         return self._unauth
 
-    def remove(self, conn: BastionConnection) -> None:
+    def unauth_in(self, block: str) -> int:
+        """Unauthenticated connections from source block ``block``."""
+        return self._per_block.get(block, 0)
+
+    def remove(self, conn: BastionConnection, exc: Exception | None = None) -> None:
+        admitted = conn in self.live
         self.live.discard(conn)
         if not self.live:
             self.empty.set()
+        if admitted:
+            kind = penalty_kind(conn, exc)
+            if kind is not None:
+                self._penalties.penalise(_address(conn), kind)
+
+
+def penalty_kind(conn: BastionConnection, exc: Exception | None) -> str | None:
+    """What a connection's end earns its source (sshd_config(5)
+    PerSourcePenalties), None for a clean login. Called once, at its end."""
+    if isinstance(conn.refusal, AccessDenied):
+        return "refuseconnection"
+    if conn.authenticated:
+        return None
+    # asyncssh ends a login that outlived login_timeout with this ConnectionLost
+    if isinstance(exc, asyncssh.ConnectionLost) and "Login timeout" in str(exc.reason):
+        return "grace_exceeded"
+    return "authfail" if conn.auth_failures else "noauth"
+
+
+def _address(conn: BastionConnection) -> str:
+    peer = conn.conn.get_extra_info("peername") if conn.conn is not None else None
+    return str(peer[0]) if peer else "?"
 
 
 @dataclass(frozen=True)
@@ -84,17 +162,61 @@ class BastionServer:
     """The listener: start, stop accepting, drain, close; list and end live
     connections."""
 
-    def __init__(self, ctx: ServerContext) -> None:
+    def __init__(
+        self,
+        ctx: ServerContext,
+        *,
+        startups: tuple[int, int, int] | None = None,
+        penalties: PenaltySettings | None = None,
+    ) -> None:
+        """``startups``: MaxStartups (start, rate %, full), by default
+        ``max_unauthenticated`` with no early drop; ``penalties``:
+        PerSourcePenalties, off by default (the application passes both from
+        its settings)."""
         self._ctx = ctx
-        self.registry = ConnectionRegistry(ctx.settings.max_unauthenticated)
-        self._acceptor: asyncssh.SSHAcceptor | None = None
+        s = ctx.settings
+        mu = s.max_unauthenticated
+        self._startups = startups or (mu, 100, mu)
+        v4, v6 = parse_net_block_size(s.per_source_net_block_size)
+        self.penalties = PenaltyBox(
+            penalties or PenaltySettings(enabled=False),
+            v4,
+            v6,
+            on_start=self._penalty_started,
+            # a load balancer's own connections (its health checks) name no client
+            also_exempt=parse_networks(s.proxy_protocol_from),
+        )
+        self.registry = ConnectionRegistry(self._startups[2], self.penalties)
+        self.gate: Gate | None = None
+        self._acceptor: asyncio.Server | None = None
         self._stopping = False
         self._drained = False
+
+    def _penalty_started(self, p: PenaltyStart) -> None:
+        self._ctx.events.emit(PenaltyStarted(p.block, p.seconds, p.reason, p.earned))
+
+    def configure(
+        self, server: ServerSettings, startups: tuple[int, int, int], penalties: PenaltySettings
+    ) -> None:
+        """SIGHUP: new bounds and penalty settings for new connections; the
+        penalties in force are kept (as sshd keeps them across a reload)."""
+        self._startups = startups
+        self.registry.max_unauth = startups[2]
+        v4, v6 = parse_net_block_size(server.per_source_net_block_size)
+        proxies = parse_networks(server.proxy_protocol_from)
+        self.penalties.configure(penalties, v4, v6, also_exempt=proxies)
+        if self.gate is not None:
+            self.gate.configure(
+                startups=startups,
+                per_source_max=server.per_source_max_startups,
+                proxies=proxies,
+                header_deadline=min(PROXY_DEADLINE, server.login_grace_time),
+            )
 
     @property
     def port(self) -> int:
         assert self._acceptor is not None
-        return int(self._acceptor.get_port())
+        return int(self._acceptor.sockets[0].getsockname()[1])
 
     @property
     def listening(self) -> bool:
@@ -136,8 +258,11 @@ class BastionServer:
                 ended.append(c.conn_id)
         return ended
 
-    async def start(self) -> None:
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Listen on ``[server] listen``, or serve ``sock`` (a listening
+        socket a supervisor handed over, bastion/workers.py)."""
         s = self._ctx.settings
+        raise_fd_limit()
         factory: Callable[[], asyncssh.SSHServer] = lambda: BastionConnection(  # noqa: E731
             self._ctx, self.registry
         )
@@ -150,28 +275,55 @@ class BastionServer:
                 host_keys += asyncssh.load_keypairs(str(path))
             except (OSError, asyncssh.KeyImportError, ValueError) as exc:
                 raise ConfigError(f"[server] host_keys: cannot load {path}: {exc}") from exc
-        options: dict[str, Any] = {
-            "server_host_keys": host_keys,
-            # no GSSAPI here; asyncssh would otherwise look up the machine's
-            # FQDN (gethostname, then a resolver query) for every login
-            "gss_host": None,
-            "login_timeout": s.login_grace_time,
-            "line_editor": False,
-            "encoding": None,
-            "allow_scp": False,
-            "x11_forwarding": False,
-            # the person's agent is only ever passed upstream when their policy says so
-            # (see _connect_upstream); the listener lives in a 0700 temp dir
-            "agent_forwarding": True,
-            "server_version": s.banner_version,
-            "keepalive_interval": 60,
-            "config": None,
-        }
         try:
-            self._acceptor = await asyncssh.create_server(
-                factory, s.listen_host or None, s.listen_port, reuse_address=True, **options
+            # made once, as asyncssh.listen() would; the gate makes each
+            # connection with them (bastion/core/gate.py)
+            options = await asyncssh.SSHServerConnectionOptions.construct(
+                config=None,
+                server_factory=factory,
+                server_host_keys=host_keys,
+                # no GSSAPI here; asyncssh would otherwise look up the machine's
+                # FQDN (gethostname, then a resolver query) for every login
+                gss_host=None,
+                login_timeout=s.login_grace_time,
+                line_editor=False,
+                encoding=None,
+                allow_scp=False,
+                x11_forwarding=False,
+                # the person's agent is only ever passed upstream when their policy
+                # says so (see _connect_upstream); the listener lives in a 0700 temp dir
+                agent_forwarding=True,
+                server_version=s.banner_version,
+                keepalive_interval=60,
             )
-        except (OSError, asyncssh.KeyImportError, ValueError) as exc:
+        except (asyncssh.KeyImportError, ValueError) as exc:
+            raise ConfigError(f"[server]: {exc}") from exc
+        self.gate = Gate(
+            options,
+            self.registry,
+            self.penalties,
+            self._ctx.events,
+            startups=self._startups,
+            per_source_max=s.per_source_max_startups,
+            proxies=parse_networks(s.proxy_protocol_from),
+            header_deadline=min(PROXY_DEADLINE, s.login_grace_time),
+        )
+        try:
+            loop = asyncio.get_running_loop()
+            # a flood's connections wait in the backlog to be refused; a person's with them
+            if sock is not None:
+                self._acceptor = await loop.create_server(
+                    self.gate.protocol, sock=sock, backlog=1024
+                )
+            else:
+                self._acceptor = await loop.create_server(
+                    self.gate.protocol,
+                    s.listen_host or None,
+                    s.listen_port,
+                    reuse_address=True,
+                    backlog=1024,
+                )
+        except OSError as exc:
             raise ConfigError(f"[server] listen: cannot listen on {s.listen}: {exc}") from exc
         log.info("listening on %s", s.listen)
 

@@ -27,10 +27,13 @@ def stderr_line(exc: BastionError) -> bytes:
     return f"bastion: {exc.user_message}\r\n".encode()
 
 
-def end_session(chan: asyncssh.SSHServerChannel[bytes], exc: BastionError) -> None:
-    """End a session channel with ``exc``: its line on stderr, exit status 255."""
+def end_session(
+    chan: asyncssh.SSHServerChannel[bytes], exc: BastionError, *, fresh_line: bool = False
+) -> None:
+    """End a session channel with ``exc``: its line on stderr, exit status 255
+    (``fresh_line``: on a line of its own on a terminal, after a prompt)."""
     if not chan.is_closing():  # not after EOF: writing would raise
-        chan.write_stderr(stderr_line(exc))
+        chan.write_stderr((b"\r\n" if fresh_line else b"") + stderr_line(exc))
     chan.exit(255)
 
 
@@ -42,6 +45,15 @@ def disconnect(
     text = exc.user_message if exc.verbatim else f"bastion: {exc.user_message}"
     with contextlib.suppress(Exception):  # the peer may be gone already
         conn.disconnect(code, text)
+
+
+def auth_banner(conn: asyncssh.SSHServerConnection, exc: BastionError) -> None:
+    """Say why an authentication attempt failed, before its failure is sent
+    (a wrong second-factor code): an SSH_MSG_USERAUTH_BANNER (RFC 4252
+    section 5.4), which OpenSSH prints at LogLevel INFO (its default) and
+    above, before it asks again."""
+    with contextlib.suppress(Exception):  # the peer may be gone already
+        conn.send_auth_banner(f"bastion: {exc.user_message}\r\n")
 
 
 def open_error(exc: BastionError) -> asyncssh.ChannelOpenError:

@@ -54,6 +54,8 @@ class RelayStats:
     detail: dict[str, Any] = field(default_factory=dict)
     # time.monotonic() of the last byte either way (bastion sessions' idle time)
     last_activity: float = field(default_factory=time.monotonic)
+    # ends the channel with an error (a timeout, a revocation): set by its relay
+    end: Callable[[BastionError], None] | None = field(default=None, repr=False)
 
     @property
     def duration(self) -> float:
@@ -127,6 +129,7 @@ class SessionRelay(asyncssh.SSHServerSession[bytes]):
         self._reopen_upstream = reopen_upstream
         self._env_allow = env_allow
         self.stats = stats
+        stats.end = self.end
         self._on_end = on_end
         self._chan: asyncssh.SSHServerChannel[bytes] | None = None
         self._up: asyncssh.SSHClientChannel[bytes] | None = None
@@ -173,6 +176,15 @@ class SessionRelay(asyncssh.SSHServerSession[bytes]):
         chan = self._chan
         if chan is not None and not self._closed and not chan.is_closing():
             chan.write_stderr(f"\r\nbastion: {text}\r\n".encode())
+
+    def end(self, exc: BastionError) -> None:
+        """End the session with ``exc`` (a ChannelTimeout, a revocation): its
+        line on the person's terminal, exit status 255; the channel's record
+        names its reason."""
+        self.stats.error = self.stats.error or exc
+        chan = self._chan
+        if chan is not None and not self._closed:
+            end_session(chan, exc, fresh_line=self._pty is not None)
 
     def request_refused(self, request: str, why: str) -> None:
         """The channel refused ``request`` (X11, agent forwarding): audit it."""

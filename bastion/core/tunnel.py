@@ -19,6 +19,7 @@ from typing import Protocol, cast
 import asyncssh
 
 from bastion.core.relay import RelayStats
+from bastion.errors import BastionError
 from bastion.fastpath.sockets import QUICKACK_BELOW, quickack
 
 log = logging.getLogger("bastion.relay")
@@ -46,6 +47,7 @@ class TunnelRelay(asyncssh.SSHTCPSession[bytes], asyncssh.SSHUNIXSession[bytes])
 
     def __init__(self, stats: RelayStats, on_end: Callable[[RelayStats], None]) -> None:
         self.stats = stats
+        stats.end = self.end
         self._on_end = on_end
         # direct-tcpip / forwarded-tcpip, or their streamlocal twins (sockets)
         self._chan: asyncssh.SSHTCPChannel[bytes] | asyncssh.SSHUNIXChannel[bytes] | None = None
@@ -86,6 +88,7 @@ class TunnelRelay(asyncssh.SSHTCPSession[bytes], asyncssh.SSHUNIXSession[bytes])
         far = self._far
         if far is not None and not far.is_closing():
             self.stats.bytes_up += len(data)
+            self.stats.last_activity = time.monotonic()
             self._to_far(far.write, data)
 
     def eof_received(self) -> bool:
@@ -129,6 +132,7 @@ class TunnelRelay(asyncssh.SSHTCPSession[bytes], asyncssh.SSHUNIXSession[bytes])
             self._held_down.append(data)
         elif not chan.is_closing():
             self.stats.bytes_down += len(data)
+            self.stats.last_activity = time.monotonic()
             chan.write(data)
 
     def far_eof(self) -> None:
@@ -152,6 +156,18 @@ class TunnelRelay(asyncssh.SSHTCPSession[bytes], asyncssh.SSHUNIXSession[bytes])
             self._chan.pause_reading()
         else:
             self._chan.resume_reading()
+
+    def end(self, exc: BastionError) -> None:
+        """Close the tunnel both ways (a ChannelTimeout, a revocation); its
+        record names ``exc``'s reason. The bytes are the person's own SSH, so
+        there is no place for a notice."""
+        self.stats.error = self.stats.error or exc
+        if self._chan is not None:
+            self._chan.close()
+        if self._far is not None:
+            self._far.close()
+        if self._chan is None:
+            self._finish()
 
     def far_closed(self) -> None:
         if self._chan is not None:

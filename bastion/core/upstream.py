@@ -129,9 +129,16 @@ class UpstreamConnector:
                 detail=f"{dest.label}: {exc.reason}",
             ) from None
         except asyncssh.PermissionDenied as exc:
+            allowed = self._settings.source_address if password is None else ()
             raise UpstreamAuthFailed(
                 f"{dest.label} refused the login for {dest.login}",
-                detail=f"{dest.label}: {exc.reason}",
+                detail=f"{dest.label}: {exc.reason}"
+                + (  # sshd logs "not from a permitted source address" only on its side
+                    f" (the certificate is valid from {', '.join(allowed)} only: "
+                    "[upstream] source_address must hold the bastion's egress address)"
+                    if allowed
+                    else ""
+                ),
             ) from None
         except asyncssh.DisconnectError as exc:
             raise HostUnreachable(f"{dest.label} closed the connection: {exc.reason}") from None

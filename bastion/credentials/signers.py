@@ -9,6 +9,7 @@ logs in to the routed host with it; the hosts trust the CA
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Protocol
 
 import asyncssh
 
+from bastion.access_settings import IPNetwork
 from bastion.config import Settings
 from bastion.credentials.sshcert import (
     BACKDATE_SECONDS,
@@ -53,6 +55,9 @@ class CertificateSigner(Protocol):
     """Mints an :class:`UpstreamCredential` for one login."""
 
     ttl: int  # seconds each certificate is valid ([upstream] cert_ttl)
+    # the source-address critical option (PROTOCOL.certkeys): CIDRs the host
+    # accepts the certificate from ([upstream] source_address); () for none
+    source_address: tuple[str, ...]
 
     async def issue(self, principal: str, key_id: str) -> UpstreamCredential:
         """A fresh key and a user certificate valid for ``principal`` only.
@@ -75,7 +80,9 @@ class LocalCASigner:
     Issuing is pure CPU and takes well under a millisecond.
     """
 
-    def __init__(self, ca_key_file: Path, ttl: int) -> None:
+    def __init__(
+        self, ca_key_file: Path, ttl: int, *, source_address: tuple[str, ...] = ()
+    ) -> None:
         what = "[upstream] ca_key"
         text = read_secret_file(ca_key_file, what)
         try:
@@ -87,6 +94,7 @@ class LocalCASigner:
         # ttl: [upstream] cert_ttl, checked by the settings (30-3600 s)
         self.ca_key_file = ca_key_file
         self.ttl = ttl
+        self.source_address = source_address
 
     def __repr__(self) -> str:
         return f"LocalCASigner(ca_key_file={str(self.ca_key_file)!r}, ttl={self.ttl})"
@@ -106,6 +114,7 @@ class LocalCASigner:
             principals=[principal],
             valid_after=now - BACKDATE_SECONDS,
             valid_before=valid_before,
+            source_address=list(self.source_address) or None,
             permit_x11_forwarding=False,
             permit_agent_forwarding=True,
             permit_port_forwarding=True,
@@ -134,12 +143,21 @@ class VaultCertificateSigner:
     not closed by :meth:`aclose`.
     """
 
-    def __init__(self, client: VaultClient, mount: str, role: str, ttl: int) -> None:
+    def __init__(
+        self,
+        client: VaultClient,
+        mount: str,
+        role: str,
+        ttl: int,
+        *,
+        source_address: tuple[str, ...] = (),
+    ) -> None:
         # ttl: [upstream] cert_ttl, checked by the settings (30-3600 s)
         self.client = client
         self.mount = mount
         self.role = role
         self.ttl = ttl
+        self.source_address = source_address
 
     def __repr__(self) -> str:
         return (
@@ -150,8 +168,16 @@ class VaultCertificateSigner:
     async def issue(self, principal: str, key_id: str) -> UpstreamCredential:
         key = new_ephemeral_key()
         public_line = key.export_public_key("openssh").decode().strip()
+        # the role must list it in allowed_critical_options (deploy/bootstrap-vault.sh)
+        options = {"source-address": ",".join(self.source_address)} if self.source_address else {}
         signed = await self.client.sign_ssh_key(
-            self.mount, self.role, public_line, principal=principal, key_id=key_id, ttl=self.ttl
+            self.mount,
+            self.role,
+            public_line,
+            principal=principal,
+            key_id=key_id,
+            ttl=self.ttl,
+            critical_options=options,
         )
         where = f"{self.mount}/sign/{self.role}"
         try:
@@ -167,11 +193,13 @@ class VaultCertificateSigner:
             fields.public_key != parse_ed25519_key(expected_key)
             or fields.cert_type != CERT_TYPE_USER
             or fields.principals != (principal,)
+            or _source_address(cert) != _networks(self.source_address)
         ):
             raise SigningFailed(
                 "Vault returned a certificate that does not match the request",
                 detail=f"{where}: got type {fields.cert_type}, "
-                f"principals {list(fields.principals)}",
+                f"principals {list(fields.principals)}, "
+                f"source-address {sorted(map(str, _source_address(cert)))}",
             )
         return UpstreamCredential(
             private_key=key,
@@ -186,13 +214,28 @@ class VaultCertificateSigner:
         return None
 
 
+def _networks(cidrs: tuple[str, ...]) -> set[IPNetwork]:
+    return {ipaddress.ip_network(c.strip(), strict=False) for c in cidrs}
+
+
+def _source_address(cert: asyncssh.SSHCertificate) -> set[IPNetwork]:
+    """The certificate's source-address critical option as networks (empty: none)."""
+    options = getattr(cert, "options", {})
+    return set(options.get("source-address") or ())
+
+
 def build_signer(settings: Settings, vault: VaultClient | None) -> CertificateSigner:
     """Vault's SSH engine when ``[vault]`` is configured, else the local CA key."""
+    up = settings.upstream
     if settings.vault.enabled:
         assert vault is not None, "the application starts the Vault client first"
         return VaultCertificateSigner(
-            vault, settings.vault.ssh_mount, settings.vault.ssh_role, settings.upstream.cert_ttl
+            vault,
+            settings.vault.ssh_mount,
+            settings.vault.ssh_role,
+            up.cert_ttl,
+            source_address=up.source_address,
         )
     # the settings require ca_key without [vault] (bastion.config._validate)
-    assert settings.upstream.ca_key is not None
-    return LocalCASigner(settings.upstream.ca_key, settings.upstream.cert_ttl)
+    assert up.ca_key is not None
+    return LocalCASigner(up.ca_key, up.cert_ttl, source_address=up.source_address)

@@ -121,18 +121,23 @@ class VaultClient:
         principal: str,
         key_id: str,
         ttl: int,
+        critical_options: Mapping[str, str] | None = None,
     ) -> str:
         """Have the SSH secrets engine sign a user key; returns the OpenSSH
-        certificate line (``ssh-ed25519-cert-v01@openssh.com AAAA...``)."""
+        certificate line (``ssh-ed25519-cert-v01@openssh.com AAAA...``).
+        ``critical_options`` (``{"source-address": "10.0.0.5/32"}``) must be
+        allowed by the role's ``allowed_critical_options``."""
         check_principal(principal)
         check_key_id(key_id)
-        body = {
+        body: dict[str, object] = {
             "public_key": public_key_openssh,
             "ttl": f"{ttl}s",
             "valid_principals": principal,
             "cert_type": "user",
             "key_id": key_id,
         }
+        if critical_options:
+            body["critical_options"] = dict(critical_options)
         url = api_path("/v1/{mount}/sign/{role}", mount=mount, role=role)
         answer = await self._request(
             "POST", url, f"signing with {mount}/sign/{role}", SigningFailed, body
@@ -145,6 +150,16 @@ class VaultClient:
             )
         return signed
 
+    async def write(
+        self, path: str, body: Mapping[str, object], what: str, *, accept: tuple[int, ...] = ()
+    ) -> VaultAnswer:
+        """``PUT /v1/<path>`` with ``body``: the answer when it succeeds or its
+        status is in ``accept`` (the caller reads those, e.g. the TOTP engine's
+        400 "code already used"); otherwise SecretUnavailable (sealed,
+        unreachable, denied, not found)."""
+        url = api_path("/v1/{path}", path=path)
+        return await self._request("PUT", url, what, SecretUnavailable, body, accept=accept)
+
     async def _request(
         self,
         method: str,
@@ -152,9 +167,12 @@ class VaultClient:
         what: str,
         kind: type[CredentialError],
         body: Mapping[str, object] | None = None,
+        *,
+        accept: tuple[int, ...] = (),
     ) -> VaultAnswer:
-        """A successful answer to ``method path``; on 403 tell a policy denial
-        from a dead token, log in again once for the latter and retry."""
+        """A successful answer to ``method path`` (or one whose status is in
+        ``accept``); on 403 tell a policy denial from a dead token, log in
+        again once for the latter and retry."""
         if self._closed:
             raise SecretUnavailable("Vault client is closed")
         if self._auth.token is None:
@@ -165,7 +183,7 @@ class VaultClient:
             answer = await self._http.send(
                 method, path, what=what, token=self._auth.token, body=body
             )
-            if answer.ok:
+            if answer.ok or answer.status in accept:
                 return answer
             if answer.status != 403:
                 raise self._http.refusal(answer, what, kind)

@@ -39,6 +39,15 @@ value is one of:
   may reach with ``ssh -J``; no ``login@``) to empty. Unknown keys,
   duplicate keys and wrong types are errors.
 
+  The person's own limits (:class:`~bastion.model.AccessRules`), all
+  optional: ``from`` (addresses or CIDRs the person may log in from, like
+  authorized_keys(5) ``from=``), ``max_sessions`` (concurrent sessions at
+  this bastion, at least 1), ``channel_timeout`` and
+  ``unused_connection_timeout`` (sshd_config(5) ChannelTimeout and
+  UnusedConnectionTimeout: seconds as a number, or a TIME FORMATS string
+  such as ``"30s"``, ``"5m"``, ``"1h30m"``; 0 turns the limit off for the
+  person), ``mfa`` (``"totp"``) and ``disabled`` (true refuses every login).
+
 Everything else is malformed and refused (fail closed), with a message that
 names the problem: an empty value, more than 1024 bytes, invalid UTF-8,
 control characters, an empty target between commas, more than 8 targets, a
@@ -59,11 +68,13 @@ import logging
 import re
 import unicodedata
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
+from bastion.access_settings import parse_networks
 from bastion.errors import MalformedRoute, NoRoute, printable
 from bastion.identity import USER_NAME_RULE, valid_user_name
-from bastion.model import ForwardingPolicy, Route, Target
+from bastion.model import AccessRules, ForwardingPolicy, Route, Target
 
 log = logging.getLogger("bastion.directory")
 
@@ -72,7 +83,10 @@ MAX_TARGETS = 8
 MAX_HOST_LEN = 253
 JSON_KEYS = frozenset(
     {"route", "agent_forwarding", "local_forwarding", "remote_forwarding", "jump", "record"}
+    | {"from", "max_sessions", "channel_timeout", "unused_connection_timeout", "mfa", "disabled"}
 )
+MAX_SOURCES = 32  # CIDRs in "from"
+MAX_TIMEOUT = 366 * 86400.0  # seconds; a longer idle limit is a typo, not a policy
 
 _HOST_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*\Z")
 _DOTTED_DIGITS_RE = re.compile(r"[0-9.]+\Z")
@@ -167,7 +181,74 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return seen
 
 
-def _parse_json(text: str) -> tuple[tuple[Target, ...], ForwardingPolicy, bool | None]:
+_TIME_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_TIME_RE = re.compile(r"([0-9]+)([smhdwSMHDW]?)")
+
+
+def parse_time(value: object, name: str) -> float:
+    """A duration in seconds from a JSON number (``90``, ``2.5``) or a string
+    in sshd_config(5) TIME FORMATS (``"90"``, ``"30s"``, ``"5m"``, ``"1h30m"``;
+    units s m h d w, either case). Raises _Bad naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise _Bad(f'{name!r} must be seconds (a number) or a time like "30s", "5m", "1h30m"')
+    if isinstance(value, str):
+        text = value.strip()
+        if not text or not (text.isascii() and _TIME_RE.sub("", text) == ""):
+            raise _Bad(
+                f"{name!r}: bad time {show(value)} (sshd_config(5) TIME FORMATS: 30s, 5m, 1h30m)"
+            )
+        seconds = float(sum(int(n) * _TIME_UNITS[u.lower()] for n, u in _TIME_RE.findall(text)))
+    else:
+        seconds = float(value)
+    if not 0 <= seconds <= MAX_TIMEOUT:  # also NaN and inf
+        raise _Bad(f"{name!r} must be between 0 (off) and {MAX_TIMEOUT:.0f} seconds")
+    return seconds
+
+
+def _parse_access(obj: dict[str, Any]) -> AccessRules:
+    """The person's own limits: "from", "max_sessions", the two timeouts,
+    "mfa", "disabled" (docs/routing.md)."""
+    sources_raw = obj.get("from", [])
+    if isinstance(sources_raw, str):  # one CIDR, or a comma list as authorized_keys(5) from=
+        sources_raw = [part for part in sources_raw.split(",") if part.strip()]
+    if not isinstance(sources_raw, list) or not all(isinstance(v, str) for v in sources_raw):
+        raise _Bad("'from' must be a list of addresses or CIDRs (\"10.0.0.0/8\")")
+    if "from" in obj and not sources_raw:
+        raise _Bad("'from' is empty (leave it out to allow every source)")
+    if len(sources_raw) > MAX_SOURCES:
+        raise _Bad(f"{len(sources_raw)} entries in 'from' (at most {MAX_SOURCES})")
+    try:
+        networks = parse_networks(tuple(sources_raw))
+    except ValueError as exc:
+        raise _Bad(f"'from': {plain(str(exc), 80)}") from None
+    max_sessions = obj.get("max_sessions")
+    if "max_sessions" in obj and (
+        isinstance(max_sessions, bool) or not isinstance(max_sessions, int) or max_sessions < 1
+    ):
+        raise _Bad("'max_sessions' must be a whole number of at least 1")
+    timeouts = {
+        name: parse_time(obj[name], name) if name in obj else None
+        for name in ("channel_timeout", "unused_connection_timeout")
+    }
+    mfa = obj.get("mfa")
+    if "mfa" in obj and mfa != "totp":
+        raise _Bad("'mfa' must be \"totp\" (leave it out for no second factor)")
+    disabled = obj.get("disabled", False)
+    if not isinstance(disabled, bool):
+        raise _Bad("'disabled' must be true or false")
+    return AccessRules(
+        sources=tuple(str(n) for n in networks),
+        max_sessions=max_sessions,
+        channel_timeout=timeouts["channel_timeout"],
+        unused_connection_timeout=timeouts["unused_connection_timeout"],
+        mfa=mfa,
+        disabled=disabled,
+    )
+
+
+def _parse_json(
+    text: str,
+) -> tuple[tuple[Target, ...], ForwardingPolicy, bool | None, AccessRules]:
     try:
         obj = json.loads(text, object_pairs_hook=_no_duplicates)
     except json.JSONDecodeError as exc:
@@ -210,7 +291,7 @@ def _parse_json(text: str) -> tuple[tuple[Target, ...], ForwardingPolicy, bool |
     record = obj.get("record")
     if "record" in obj and not isinstance(record, bool):
         raise _Bad("'record' must be true or false")
-    return targets, ForwardingPolicy(jump=tuple(jump), **flags), record
+    return targets, ForwardingPolicy(jump=tuple(jump), **flags), record, _parse_access(obj)
 
 
 def parse_route(
@@ -238,8 +319,9 @@ def parse_route(
         if not text:
             raise _Bad("value is empty")
         record: bool | None = None
+        access = AccessRules()
         if text.startswith("{"):
-            targets, policy, record = _parse_json(text)
+            targets, policy, record, access = _parse_json(text)
         else:
             targets, policy = _parse_targets(text, "value"), ForwardingPolicy()
         if not valid_user_name(user):
@@ -250,7 +332,15 @@ def parse_route(
             f"(ask an operator to fix {plain(key, 120)})",
             detail=f"{plain(key, 120)}: {exc}",
         ) from None
-    return Route(user=user, login=user, targets=targets, policy=policy, raw=text, record=record)
+    return Route(
+        user=user,
+        login=user,
+        targets=targets,
+        policy=policy,
+        raw=text,
+        record=record,
+        access=access,
+    )
 
 
 # --------------------------------------------------------------------------
@@ -270,7 +360,9 @@ class RouteTable:
         default_port: int = 22,
         routes_prefix: str = "users/",
         previous: RouteTable | None = None,
+        indexes: Mapping[str, int] | None = None,
     ) -> None:
+        # indexes: each entry's Consul ModifyIndex, kept as Route.index
         self.routes_prefix = routes_prefix
         self._raw: dict[str, bytes] = {}
         self._routes: dict[str, Route] = {}
@@ -286,6 +378,8 @@ class RouteTable:
                 self._routes[user] = parse_route(
                     user, raw, default_port, routes_prefix=routes_prefix
                 )
+                if indexes is not None and indexes.get(user):
+                    self._routes[user] = replace(self._routes[user], index=indexes[user])
             except MalformedRoute as exc:
                 self._errors[user] = exc
                 # once per change of the entry, not once per login

@@ -23,8 +23,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from bastion.config import ConsulSettings, consul_base_url
+from bastion.addresses import consul_base_url
+from bastion.config import ConsulSettings
 from bastion.directory.grammar import RouteTable, hostport, show
+from bastion.directory.grants import Grant, GrantTable
 from bastion.directory.watch import ConsulError, ConsulWatches, Watch
 from bastion.errors import (
     ConfigError,
@@ -101,6 +103,17 @@ def _kv_entries(body: Any, prefix: str) -> dict[str, bytes]:
     return entries
 
 
+def _kv_indexes(body: Any, prefix: str) -> dict[str, int]:
+    """Each entry's ModifyIndex in a KV listing _kv_entries accepted (certificates'
+    key ids name it: the directory state that let a login in)."""
+    found: dict[str, int] = {}
+    for item in body or ():
+        index = item.get("ModifyIndex")
+        if isinstance(index, int) and not isinstance(index, bool):
+            found[str(item["Key"])[len(prefix) :]] = index
+    return found
+
+
 def _json_list(body: Any) -> list[dict[str, Any]]:
     """A catalog/health answer: a list of objects (``null`` = nothing visible)."""
     if body is None:
@@ -116,9 +129,18 @@ def _kv_path(prefix: str) -> str:
 
 class ConsulDirectory:
     """The directory in memory, kept current by five Consul blocking queries
-    (routes, users' keys, host keys, catalog nodes, node health)."""
+    (routes, users' keys, host keys, catalog nodes, node health), and a sixth
+    for time-bound grants when ``grants_prefix`` is given (docs/access.md).
+    Listeners (:meth:`add_listener`) hear which people's entries, keys or
+    grants changed."""
 
-    def __init__(self, settings: ConsulSettings, token: str, default_port: int = 22) -> None:
+    def __init__(
+        self,
+        settings: ConsulSettings,
+        token: str,
+        default_port: int = 22,
+        grants_prefix: str | None = None,
+    ) -> None:
         if not token.strip():
             raise ConfigError("[consul] the token is empty; the bastion needs its own token")
         self._settings = settings
@@ -131,8 +153,19 @@ class ConsulDirectory:
         self._host_keys: dict[str, tuple[str, ...]] = {}
         self._nodes: dict[str, Node] = {}
         self._health: dict[str, tuple[tuple[str, str], ...]] = {}
+        # access grants (bastion.directory.grants); called with the users whose
+        # entries, keys or grants changed (bastion.revocation listens)
+        self._grants_prefix = grants_prefix
+        self._grants = GrantTable({}, grants_prefix or "")
+        self._listeners: list[Callable[[set[str]], None]] = []
+        self._route_entries: dict[str, bytes] = {}
         s = settings
         kv = {"recurse": "true"}
+        grants = (
+            [Watch("grants", _kv_path(grants_prefix), kv, self._apply_grants)]
+            if grants_prefix
+            else []
+        )
         self.watches = ConsulWatches(
             settings,
             self._base,
@@ -148,6 +181,7 @@ class ConsulDirectory:
                     {"filter": 'ServiceID == ""'},
                     self._apply_health,
                 ),
+                *grants,
             ],
             self._summary,
         )
@@ -194,6 +228,28 @@ class ConsulDirectory:
 
     # -- answers from Consul ---------------------------------------------
 
+    def add_listener(self, listener: Callable[[set[str]], None]) -> None:
+        """Call ``listener`` with the users whose entry, keys or grants
+        changed, after each change (not on the first load)."""
+        self._listeners.append(listener)
+
+    def _changed(self, users: set[str], loaded: bool, emptied: str | None = None) -> None:
+        if emptied is not None and users and loaded:
+            # a denied listing is a 404 too: a token that lost its read
+            # looks like an empty directory; never end every session on that
+            log.error(
+                "%s is now empty (deleted, or the bastion's token may no longer read it): "
+                "new logins are refused, live sessions are kept",
+                emptied,
+            )
+            return
+        if users and loaded:
+            for listener in self._listeners:
+                try:
+                    listener(users)
+                except Exception:  # a listener must not fail the watch
+                    log.exception("directory change listener failed")
+
     def _apply_routes(self, body: Any) -> None:
         entries = _kv_entries(body, self._settings.routes_prefix)
         self._table = RouteTable(
@@ -201,7 +257,20 @@ class ConsulDirectory:
             default_port=self.default_port,
             routes_prefix=self._settings.routes_prefix,
             previous=self._table,
+            indexes=_kv_indexes(body, self._settings.routes_prefix),
         )
+        before, self._route_entries = self._route_entries, entries
+        users = {u for u in set(entries) | set(before) if before.get(u) != entries.get(u)}
+        emptied = self._settings.routes_prefix if before and not entries else None
+        self._changed(users, self.watches.watches[0].loaded, emptied)
+
+    def _apply_grants(self, body: Any) -> None:
+        prefix = self._grants_prefix or ""
+        old = self._grants
+        self._grants = GrantTable(_kv_entries(body, prefix), prefix, previous=old)
+        # also on the first load: the revoker notes who holds grants and
+        # arms its timer for the first to expire, whenever that load comes
+        self._changed(self._grants.changed_users(old), True)
 
     def _key_map(
         self, body: Any, prefix: str, norm: Callable[[str], str]
@@ -216,7 +285,10 @@ class ConsulDirectory:
         return result
 
     def _apply_keys(self, body: Any) -> None:
-        self._keys = self._key_map(body, self._settings.keys_prefix, str)
+        old, self._keys = self._keys, self._key_map(body, self._settings.keys_prefix, str)
+        users = {u for u in set(old) | set(self._keys) if old.get(u) != self._keys.get(u)}
+        emptied = self._settings.keys_prefix if old and not self._keys else None
+        self._changed(users, self.watches.watches[1].loaded, emptied)
 
     def _apply_host_keys(self, body: Any) -> None:
         self._host_keys = self._key_map(body, self._settings.host_keys_prefix, norm_host)
@@ -254,6 +326,23 @@ class ConsulDirectory:
     def raw_entry(self, user: str) -> bytes | None:
         """``user``'s entry as stored (for ``bastion route``); no freshness check."""
         return self._table.raw(user)
+
+    def grants_for(self, user: str) -> tuple[Grant, ...]:
+        """``user``'s grants in force now (their ``expires`` is ahead)."""
+        self.watches.check_fresh()
+        return self._grants.for_user(user)
+
+    def all_grants(self, user: str) -> tuple[Grant, ...]:
+        """``user``'s grants as stored, expired or not; no freshness check."""
+        return self._grants.all_for(user)
+
+    def grant_users(self) -> set[str]:
+        """The people with a grant under the prefix (in force or not)."""
+        return self._grants.users()
+
+    def next_grant_expiry(self) -> float | None:
+        """The earliest grant ``expires`` still ahead (epoch seconds), or None."""
+        return self._grants.next_expiry()
 
     def node(self, name: str) -> Node | None:
         return self._nodes.get(name.lower())

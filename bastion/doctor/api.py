@@ -7,7 +7,8 @@ import ipaddress
 import urllib.parse
 from typing import Any
 
-from bastion.config import Settings, consul_base_url
+from bastion.addresses import consul_base_url
+from bastion.config import Settings
 from bastion.credentials.vault_http import tls_context
 from bastion.doctor.http import Answer, DoctorHTTP
 

@@ -227,7 +227,12 @@ async def bastion(ctx: Context, api: ConsulAPI, report: Report, state: ServiceSt
                 await p.kv_write(prefix + probe_name()),
                 f"the bastion may write {prefix}",
             )
-            for prefix in (c.routes_prefix, c.keys_prefix, c.host_keys_prefix)
+            for prefix in (
+                c.routes_prefix,
+                c.keys_prefix,
+                c.host_keys_prefix,
+                ctx.settings.access.grants_prefix,  # grants: read only (docs/access.md)
+            )
         ],
         (
             "bastion token: no write elsewhere",
