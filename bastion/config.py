@@ -52,6 +52,10 @@ class ServerSettings:
     # worker processes behind the address (SO_REUSEPORT, steered by source
     # address; bastion/workers.py); 1: the bastion is one process
     workers: int = 1
+    # how the kernel spreads connections over the workers: "source" (by
+    # source address, so a person's logins meet their upstream connections)
+    # or "kernel" (its 4-tuple hash: even spread, reuse hit rate ~1/workers)
+    worker_steering: str = "source"
     # addresses (CIDRs) of load balancers that send a PROXY protocol header
     proxy_protocol_from: tuple[str, ...] = ()
     max_auth_attempts: int = 6
@@ -340,6 +344,8 @@ def _validate(s: Settings, label: str) -> None:
         raise bad(f"[server] listen: {exc}") from None
     if not 1 <= s.server.workers <= 64:
         raise bad("[server] workers: must be between 1 and 64")
+    if s.server.worker_steering not in ("source", "kernel"):
+        raise bad('[server] worker_steering: "source" or "kernel"')
     for key in ("max_sessions", "max_channels", "max_auth_attempts", "max_unauthenticated"):
         if getattr(s.server, key) < 1:
             raise bad(f"[server] {key}: must be at least 1 (0 would refuse everyone)")

@@ -11,7 +11,9 @@ One Python process uses one core; OpenSSH's sshd forks per connection. With
   each connection by its source address (IPv4: the address modulo N), so one
   person's logins from one machine land on the same worker and find its
   upstream connections to reuse (``[upstream] reuse_idle``). With the
-  kernel's default 4-tuple hash the reuse hit rate would fall to about 1/N.
+  kernel's default 4-tuple hash (``[server] worker_steering = "kernel"``,
+  for many people behind one NAT address) the spread is even but the reuse
+  hit rate falls to about 1/N.
 * A worker that dies (killed, crashed) is started again, with a back-off
   (1 s doubling to 30 s, reset after a minute up). A worker that exits 0
   (drained or stopped) is not.
@@ -113,9 +115,12 @@ def _steering_program(workers: int, family: int) -> tuple[ctypes.Array[ctypes.c_
     return buf, struct.pack("HxxxxxxQ", len(program), ctypes.addressof(buf))
 
 
-def listen_sockets(listen: str, workers: int, backlog: int = 1024) -> list[socket.socket]:
+def listen_sockets(
+    listen: str, workers: int, backlog: int = 1024, steer: bool = True
+) -> list[socket.socket]:
     """``workers`` listening sockets on ``listen`` (host:port) in one
-    SO_REUSEPORT group, steered by source address. Raises ConfigError."""
+    SO_REUSEPORT group, steered by source address (``steer``) or left to the
+    kernel's hash. Raises ConfigError."""
     host, port = split_host_port(listen, 2222)
     try:
         infos = socket.getaddrinfo(
@@ -134,9 +139,10 @@ def listen_sockets(listen: str, workers: int, backlog: int = 1024) -> list[socke
             sock.bind(address)
             sock.listen(backlog)
             sock.set_inheritable(True)
-        buf, fprog = _steering_program(workers, family)
-        socks[0].setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
-        del buf
+        if steer:
+            buf, fprog = _steering_program(workers, family)
+            socks[0].setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
+            del buf
     except OSError as exc:
         for sock in socks:
             sock.close()
@@ -285,7 +291,7 @@ class Supervisor:
     async def run(self) -> int:
         s = self.settings
         n = s.server.workers
-        socks = listen_sockets(s.server.listen, n)
+        socks = listen_sockets(s.server.listen, n, steer=s.server.worker_steering == "source")
         self._dir = Path(tempfile.mkdtemp(prefix="bastion-workers-"))
         self._workers = [
             _Worker(i, sock, str(self._dir / f"metrics-{i}.sock")) for i, sock in enumerate(socks)

@@ -69,6 +69,8 @@ class Plan:
     # idle sessions through one bastion, RSS read at each total
     idle_steps: tuple[int, ...] = (1000, 2500, 5000, 10000)
     idle_helpers: int = 2
+    # repeated logins of one person from one machine, through workers = 2
+    reuse_logins: int = 20
 
     @classmethod
     def full(cls, reps: int = 3) -> Plan:
@@ -94,6 +96,7 @@ class Plan:
             parallel_total=16 * MiB,
             scale_seconds=2.0,
             idle_steps=(20, 60),
+            reuse_logins=4,
         )
 
 

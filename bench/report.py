@@ -351,6 +351,26 @@ def _scale(scale: dict[str, Any], plots: dict[str, str]) -> list[str]:
         if "w2_vs_w1" in logins:
             w(f"workers = 2 vs workers = 1: {logins['w2_vs_w1']}x.")
             w("")
+    reuse = scale.get("reuse")
+    if reuse:
+        w(
+            f"Upstream reuse with workers: one person, {reuse['logins']} logins in a row from "
+            "one machine; the share of logins after the first that reused an upstream "
+            "connection:"
+        )
+        w("")
+        w("| bastion | reused | hit rate |")
+        w("|---|---|---|")
+        for key, title in (
+            ("workers_1", "workers = 1"),
+            ("workers_2_source", "workers = 2, steered by source address (default)"),
+            ("workers_2_kernel", 'workers = 2, `worker_steering = "kernel"`'),
+        ):
+            e = reuse.get(key)
+            if isinstance(e, dict):
+                got = (e.get("reused", ""), e.get("hit_rate", e.get("error", "")))
+                w(f"| {title} | {got[0]} | {got[1]} |")
+        w("")
     idle = scale.get("idle")
     if idle:
         w(

@@ -31,6 +31,7 @@ from bench.measure import (
     BenchError,
     descendants,
     machine_busy_seconds,
+    run_ssh,
     summary,
     tree_cpu_seconds,
     tree_pss_kb,
@@ -38,7 +39,7 @@ from bench.measure import (
     wait_no_descendants,
 )
 from bench.plan import FAILURES, Plan, bastion_pid, rotate
-from bench.stack import USER, BenchStack, from_source
+from bench.stack import USER, BenchStack, from_source, remote
 from bench.throughput import ratio, transfer
 from devstack import BastionProcess
 from devstack.process import StackError
@@ -363,6 +364,49 @@ def _pair(
     return out
 
 
+def reuse_hits(stack: BenchStack, plan: Plan) -> dict[str, Any]:
+    """One person logging in again and again from one machine: the share of
+    logins after the first that found an upstream connection to reuse, with
+    workers = 1, and workers = 2 steered by source address or by the
+    kernel's 4-tuple hash (bastion/workers.py)."""
+    out: dict[str, Any] = {"logins": plan.reuse_logins}
+    for name, workers, steering in (
+        ("workers_1", 1, None),
+        ("workers_2_source", 2, "source"),
+        ("workers_2_kernel", 2, "kernel"),
+    ):
+        try:
+            proc = stack.start_bastion(
+                f"bastion-reuse-{name}", workers=workers, steering=steering, timeout=15
+            )
+        except StackError as exc:
+            out[name] = {"error": str(exc).strip().splitlines()[-1][:200]}
+            continue
+        try:
+            argv = remote(from_source(stack.bastion_argv(CIPHER, proc), 0), "true")
+            for _ in range(plan.reuse_logins):
+                try:
+                    run_ssh(argv, timeout=30)
+                except BenchError as exc:
+                    FAILURES.add("scale", f"reuse {name}", exc)
+            deadline = time.monotonic() + 5
+            logins: list[dict[str, Any]] = []
+            while time.monotonic() < deadline:
+                logins = [r for r in proc.audit_records() if r.get("event") == "login"]
+                if len(logins) >= plan.reuse_logins:
+                    break
+                time.sleep(0.05)
+            reused = sum(1 for r in logins[1:] if r.get("reused"))
+            out[name] = {
+                "reused": reused,
+                "hit_rate": round(reused / max(len(logins) - 1, 1), 2),
+            }
+            print(f"[bench]   reuse {name}: {out[name]}", flush=True)
+        finally:
+            stack.stop_bastion(proc)
+    return out
+
+
 def scale(stack: BenchStack, plan: Plan) -> dict[str, Any]:
     """Parallel downloads and fresh logins through one pair of bastions with
     upstream reuse off (every download its own upstream connection, as with
@@ -378,5 +422,6 @@ def scale(stack: BenchStack, plan: Plan) -> dict[str, Any]:
         for proc in pair.values():
             if proc is not stack.fresh_bastion:
                 stack.stop_bastion(proc)
+    out["reuse"] = reuse_hits(stack, plan)
     out["idle"] = idle_curve(stack, plan)
     return out

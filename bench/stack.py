@@ -256,6 +256,7 @@ class BenchStack:
         workers: int | None = None,
         upstream: dict[str, Any] | None = None,
         timeout: float = 30.0,
+        steering: str | None = None,
     ) -> BastionProcess:
         assert self.consul is not None
         sections: dict[str, dict[str, Any]] = {
@@ -271,6 +272,8 @@ class BenchStack:
         if not reuse:
             sections["upstream"]["reuse_idle"] = 0
         sections["upstream"].update(upstream or {})
+        if steering is not None:
+            sections["server"]["worker_steering"] = steering
         if vault:
             assert self.bao is not None
             sections["vault"] = {
@@ -307,11 +310,19 @@ class BenchStack:
         workers: int | None = None,
         upstream: dict[str, Any] | None = None,
         timeout: float = 30.0,
+        steering: str | None = None,
     ) -> BastionProcess:
-        """Another Vault-signing bastion (``workers``: its ``[server] workers``);
-        raises StackError if it does not start. Stop it with stop_bastion."""
+        """Another Vault-signing bastion (``workers``: its ``[server] workers``,
+        ``steering`` its ``worker_steering``); raises StackError if it does not
+        start. Stop it with stop_bastion."""
         return self._start_bastion(
-            name, vault=True, reuse=reuse, workers=workers, upstream=upstream, timeout=timeout
+            name,
+            vault=True,
+            reuse=reuse,
+            workers=workers,
+            upstream=upstream,
+            timeout=timeout,
+            steering=steering,
         )
 
     def stop_bastion(self, proc: BastionProcess) -> None:

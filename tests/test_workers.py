@@ -137,3 +137,18 @@ def test_sigterm_drains_every_worker_then_the_supervisor_exits(
     assert proc.process.proc.wait(timeout=30) == 0
     drains = [r for r in proc.audit_records() if r.get("event") == "drain"]
     assert len(drains) == 2  # one per worker
+
+
+def test_kernel_steering_spreads_one_source_over_the_workers(
+    new_bastion: Callable[..., BastionProcess], people: dict[str, Person]
+) -> None:
+    """``worker_steering = "kernel"`` (many people behind one NAT address):
+    the kernel's 4-tuple hash spreads one source's connections over every
+    worker (16 logins all on one of 2 workers: p = 2**-15)."""
+    proc = new_bastion(workers=2, worker_steering="kernel")
+    for _ in range(16):
+        done = login(proc, people["alice"], "127.0.0.1")
+        assert done.returncode == 0, done.stderr
+    per_worker = by_worker(proc, "bastion_logins_total")
+    assert sum(per_worker.values()) == 16
+    assert set(per_worker) == {0, 1}, per_worker
