@@ -44,7 +44,10 @@ class PenaltySettings:
     min: float = 15.0
     max_sources: int = 65536  # max-sources4 / max-sources6
     overflow: str = "permissive"  # when the table is full: "permissive" or "deny-all"
-    exempt: tuple[str, ...] = ()
+    # the bastion's own host: its local health check (`bastion register`'s
+    # script check connects from 127.0.0.1 and hangs up after the banner,
+    # a noauth every interval) and local monitoring; [] exempts nobody
+    exempt: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,10 @@ class AccessSettings:
     # "off", "per-person" ("mfa": "totp" in an entry) or "required" (everyone)
     mfa: str = "per-person"
     totp_mount: str = "totp"
+    # wrong codes per person within totp_wrong_window seconds before their
+    # codes are not checked for the rest of the window (per bastion process)
+    totp_max_wrong: int = 5
+    totp_wrong_window: float = 300.0
 
 
 def parse_max_startups(value: str) -> tuple[int, int, int]:
@@ -151,6 +158,10 @@ def validate(s: Settings, label: str) -> None:
         raise bad(f"[access] mfa: one of {', '.join(MFA_MODES)}")
     if a.mfa != "off" and not s.vault.enabled and a.mfa == "required":
         raise bad('[access] mfa = "required" needs a [vault] address (the TOTP engine)')
+    if a.totp_max_wrong < 1:
+        raise bad("[access] totp_max_wrong: must be at least 1")
+    if not 30 <= a.totp_wrong_window <= 86400:
+        raise bad("[access] totp_wrong_window: must be between 30 and 86400 seconds")
     prefix = a.grants_prefix
     if not prefix.endswith("/") or prefix.startswith("/"):
         raise bad(f"[access] grants_prefix: must end with '/' and not start with it: {prefix!r}")

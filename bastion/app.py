@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 
 from bastion import fastpath
+from bastion.access_settings import AccessSettings
 from bastion.admin import AdminServer
 from bastion.audit import AuditLog
 from bastion.config import Settings, load_settings
@@ -24,7 +25,7 @@ from bastion.core.frontdoor import ServerContext
 from bastion.core.listener import BastionServer
 from bastion.core.upstream import UpstreamConnector, UpstreamPool
 from bastion.credentials import CertificateSigner, VaultClient, build_signer
-from bastion.credentials.totp import TotpVerifier
+from bastion.credentials.totp import TotpVerifier, WrongCodes
 from bastion.directory import ConsulDirectory
 from bastion.directory.watch import Watch
 from bastion.errors import BastionError, ConfigError
@@ -82,8 +83,10 @@ class Application:
         self.pool: UpstreamPool | None = None
         self.admin: AdminServer | None = None
         self.metrics = Metrics()
-        # the listening socket a supervisor handed over (bastion/workers.py)
+        # the listening socket a supervisor handed over, and how this worker's
+        # settings differ from the file's (bastion/workers.py)
         self.listen_sock: socket.socket | None = None
+        self.as_worker: Callable[[Settings], Settings] = lambda settings: settings
         self.audit = AuditLog(
             settings.audit.file,
             syslog=settings.audit.syslog_socket if settings.audit.syslog else None,
@@ -118,7 +121,11 @@ class Application:
             s.consul.address, token, s.consul.service_name, s.consul_service_id
         )
         self.directory = ConsulDirectory(
-            s.consul, token, s.upstream.default_port, grants_prefix=s.access.grants_prefix
+            s.consul,
+            token,
+            s.upstream.default_port,
+            grants_prefix=s.access.grants_prefix,
+            grant_max=s.access.grant_max,
         )
         directory = self.directory
         self.metrics.directory_watches(
@@ -180,7 +187,13 @@ class Application:
             recorder=self.recorder,
             # the second factor's check (docs/mfa.md); without Vault a required one refuses
             second_factor=(
-                TotpVerifier(self.vault, s.access.totp_mount) if self.vault is not None else None
+                TotpVerifier(
+                    self.vault,
+                    s.access.totp_mount,
+                    WrongCodes(s.access.totp_max_wrong, s.access.totp_wrong_window),
+                )
+                if self.vault is not None
+                else None
             ),
         )
         self.ctx = ctx
@@ -228,11 +241,24 @@ class Application:
         except BastionError as exc:
             log.warning("could not check maintenance mode in Consul: %s", exc.detail)
 
+    def _apply_access(self, access: AccessSettings) -> None:
+        """``[access]`` on a reload: on_revoke, the second factor's mode, mount
+        and wrong-code limit (grants_prefix and grant_max need a restart)."""
+        if self.revoker is not None:
+            self.revoker.on_revoke = access.on_revoke
+        check = self.ctx.second_factor if self.ctx is not None else None
+        if isinstance(check, TotpVerifier):
+            check.mount = access.totp_mount.strip("/")
+            check.wrong_codes.limit = access.totp_max_wrong
+            check.wrong_codes.window = access.totp_wrong_window
+
     async def reload(self) -> None:
         """SIGHUP: read the settings file again and apply what can change live.
 
-        Live: ``[server]`` limits, methods, ``env_allow``, ``authorized_keys_dir``,
-        ``user_ca_keys``, ``log_level`` and ``drain_timeout``; ``[upstream]``
+        Live: ``[server]`` limits (the door's MaxStartups and per-source
+        bounds too), methods, ``env_allow``, ``authorized_keys_dir``,
+        ``user_ca_keys``, ``log_level``, ``drain_timeout`` and the timeouts;
+        ``[penalties]``; ``[access]`` but ``grants_prefix`` and ``grant_max``; ``[upstream]``
         ``known_hosts``, ``host_keys_from_directory``, ``cert_ttl``,
         ``connect_timeout`` and the ``reuse_*`` settings; the Consul token file
         (``[consul] token_file``) and the Vault AppRole files. Everything else
@@ -245,7 +271,7 @@ class Application:
         if old.source is None or self.ctx is None or self.directory is None:
             return
         try:
-            new = load_settings(old.source)
+            new = self.as_worker(load_settings(old.source))
             ca_lines = (
                 read_public_key_lines(new.server.user_ca_keys, "[server] user_ca_keys")
                 if new.server.user_ca_keys is not None
@@ -273,6 +299,9 @@ class Application:
             changed.append("[vault] AppRole credentials")
         if old.penalties != new.penalties:
             changed.append("[penalties]")
+        access = dataclasses.replace(
+            new.access, grants_prefix=old.access.grants_prefix, grant_max=old.access.grant_max
+        )
         # keep what needs a restart as it runs; take everything else
         server = dataclasses.replace(
             new.server, listen=old.server.listen, host_keys=old.server.host_keys
@@ -285,7 +314,9 @@ class Application:
             consul=dataclasses.replace(
                 old.consul, token_file=new.consul.token_file, token_env=new.consul.token_env
             ),
+            access=access,
         )
+        self._apply_access(access)
         if server.log_level is not None:
             logging.getLogger("bastion").setLevel(server.log_level.upper())
         self.directory.watches.set_token(token)
@@ -374,7 +405,8 @@ class Application:
 
 # settings that only a restart applies (the running value is kept on reload)
 _RESTART = {
-    "server": ("listen", "host_keys"),
+    "server": ("listen", "host_keys", "workers", "worker_steering"),
+    "access": ("grants_prefix", "grant_max"),
     "consul": (
         "address",
         "token_vault_path",
@@ -412,7 +444,7 @@ def _needs_restart(old: Settings, new: Settings) -> list[str]:
 def _live_changes(old: Settings, new: Settings) -> list[str]:
     """The changed settings a reload applies."""
     found = []
-    for section in ("server", "upstream"):
+    for section in ("server", "upstream", "access"):
         a, b = getattr(old, section), getattr(new, section)
         skip = _RESTART.get(section, ())
         found += [

@@ -87,6 +87,7 @@ def _route(args: argparse.Namespace) -> int:
                 token,
                 settings.upstream.default_port,
                 grants_prefix=settings.access.grants_prefix,  # grants count (docs/access.md)
+                grant_max=settings.access.grant_max,
             )
             await directory.start()
             try:
@@ -231,7 +232,7 @@ def _doctor(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from devstack.demo import run_demo
 
-    return run_demo(args.workdir, args.port, args.bastions)
+    return run_demo(args.workdir, args.port, args.bastions, args.workers)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -361,6 +362,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=range(1, 10),
         metavar="N",
         help="run N bastions on PORT, PORT+1, ..., each registered in Consul (default 1)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        choices=range(1, 9),
+        metavar="N",
+        help="[server] workers of each bastion (default 1)",
     )
     p.set_defaults(func=_demo)
     return parser

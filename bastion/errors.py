@@ -189,6 +189,21 @@ class CodeReused(SecondFactorFailed):
     reason = "mfa-code-reused"
 
 
+class TooManyWrongCodes(SecondFactorFailed):
+    """Too many wrong codes for one person lately: checks are refused for a
+    while, whoever asks (a per-account limit, as Warpgate's user lockout)."""
+
+    reason = "mfa-locked"
+
+
+class UserChanged(ClientError):
+    """The client changed the user name between authentication requests,
+    which sshd refuses with a disconnect (auth2.c, "Change of username or
+    service not allowed")."""
+
+    reason = "user-changed"
+
+
 class NotEnrolled(SecondFactorFailed):
     """The person must give a second factor but has none enrolled."""
 

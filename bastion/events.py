@@ -30,8 +30,9 @@ class ConnectionAccepted:
 class DoorRefused:
     """A TCP connection closed at accept, before the SSH version line
     (bastion/core/gate.py): ``reason`` penalised, per-source-max-startups,
-    max-startups, proxy-untrusted, proxy-missing, proxy-invalid or
-    proxy-timeout; ``source`` the client's address (the proxy's if no header
+    max-startups, evicted (an unauthenticated connection closed later, to
+    make room for a source holding none), proxy-untrusted, proxy-missing,
+    proxy-invalid or proxy-timeout; ``source`` the client's address (the proxy's if no header
     was read). Counted in metrics, never audited one by one."""
 
     source: str

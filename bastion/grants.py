@@ -4,6 +4,7 @@ Consul token.
     bastion grant alice host-103 --for 2h --reason INC-42 --config FILE --consul-token-file FILE
     bastion grant --list --config FILE --consul-token-file FILE
     bastion grant --revoke alice host-103 --config FILE --consul-token-file FILE
+    bastion grant --revoke alice NAME --config FILE ...   # NAME as --list shows it
 
 A grant is the key ``<[access] grants_prefix><user>/<host>`` (JSON value:
 :mod:`bastion.directory.grants`) acquired by a Consul session created with
@@ -37,7 +38,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bastion.errors import BastionError
+from bastion.errors import BastionError, printable
 
 MIN_GRANT = 10.0  # seconds: Consul's shortest session TTL
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)\Z")
@@ -138,6 +139,7 @@ def create(
     """Grant ``user`` ``route`` for ``seconds``; returns what was written
     (key, session, expires, value). A grant of the same host is replaced."""
     from bastion.directory.grammar import parse_route
+    from bastion.directory.grants import BadGrant, parse_grant
     from bastion.identity import valid_user_name
 
     if not valid_user_name(user):
@@ -150,6 +152,14 @@ def create(
         raise GrantError(f"route {route!r}: {exc.detail.partition(': ')[2]}") from None
     name = grant_name(route)
     key = f"{user}/{name}"
+    now = time.time() if now is None else now
+    expires = round(now + seconds)
+    value = {"route": route.strip(), "expires": expires, "by": by, "reason": reason}
+    data = json.dumps(value).encode()
+    try:  # what the bastion will read: the same grammar
+        parse_grant(prefix + key, user, name, data, now=now, longest=max(seconds, MIN_GRANT))
+    except BadGrant as exc:
+        raise GrantError(f"{prefix}{key}: {exc}") from None
     revoke(consul, prefix, user, name, missing_ok=True)  # replace, never stack
     ttl = f"{round(seconds)}s"
     session = consul.ok(
@@ -158,12 +168,10 @@ def create(
         {"Name": f"bastion grant {key}", "TTL": ttl, "Behavior": "delete", "LockDelay": "0s"},
         what="creating the grant's session",
     )["ID"]
-    expires = round((time.time() if now is None else now) + seconds)
-    value = {"route": route.strip(), "expires": expires, "by": by, "reason": reason}
     acquired = consul.ok(
         "PUT",
         _kv(prefix, key) + "?acquire=" + urllib.parse.quote(session),
-        json.dumps(value).encode(),
+        data,
         what=f"writing {prefix}{key}",
     )
     if acquired is not True:
@@ -194,38 +202,98 @@ def revoke(
     return True
 
 
-def listing(consul: ConsulHTTP, prefix: str, now: float | None = None) -> list[dict[str, Any]]:
-    """The grants under ``prefix``: key, user, route, expires, left (seconds), by, reason."""
-    status, entries = consul.call("GET", _kv(prefix) + "?recurse=true")
+def _entries(consul: ConsulHTTP, prefix: str, rest: str = "") -> list[dict[str, Any]]:
+    """The KV entries under ``prefix + rest`` (``?recurse``); [] if none."""
+    status, entries = consul.call("GET", _kv(prefix, rest) + "?recurse=true")
     if status == 404:
         return []
     if status >= 400 or not isinstance(entries, list):
-        raise GrantError(f"listing {prefix}: consul answered {status} {entries}")
+        raise GrantError(f"listing {prefix}{rest}: consul answered {status} {entries}")
+    return [e for e in entries if isinstance(e, dict) and isinstance(e.get("Key"), str)]
+
+
+def listing(
+    consul: ConsulHTTP,
+    prefix: str,
+    now: float | None = None,
+    longest: float = 86400.0,
+    user: str | None = None,
+) -> list[dict[str, Any]]:
+    """The grants under ``prefix`` (only ``user``'s if given), judged as the
+    bastion judges them (:func:`bastion.directory.grants.parse_grant`): key,
+    user, name, route, expires, left (seconds), by, reason, session, and
+    ``problem`` (None, or why the bastion ignores it; then no route, expires
+    or left). One bad entry never hides the others."""
+    from bastion.directory.grants import BadGrant, is_folder, parse_grant
+
     now = time.time() if now is None else now
     out = []
-    for entry in entries:
-        key = str(entry.get("Key", ""))
+    for entry in _entries(consul, prefix, "" if user is None else user + "/"):
+        key = entry["Key"]
+        rest = key[len(prefix) :] if key.startswith(prefix) else key
         try:
-            value = json.loads(base64.b64decode(entry.get("Value") or ""))
-        except ValueError:
-            value = {}
-        if not isinstance(value, dict):
-            value = {}
-        expires = value.get("expires")
-        left = expires - now if isinstance(expires, (int, float)) else None
-        out.append(
-            {
-                "key": key,
-                "user": key[len(prefix) :].partition("/")[0],
-                "route": value.get("route", "?"),
-                "expires": expires,
-                "left": None if left is None else round(left),
-                "by": value.get("by", ""),
-                "reason": value.get("reason", ""),
-                "session": entry.get("Session"),
-            }
-        )
+            value = base64.b64decode(entry.get("Value") or "", validate=True)
+        except (ValueError, TypeError):
+            value = None
+        if value is not None and is_folder(rest, value):
+            continue
+        who, _, name = rest.partition("/")
+        row: dict[str, Any] = {
+            "key": key,
+            "user": who,
+            "name": name,
+            "route": None,
+            "expires": None,
+            "left": None,
+            "by": "",
+            "reason": "",
+            "session": entry.get("Session"),
+            "problem": None,
+        }
+        try:
+            if value is None:
+                raise BadGrant("value is not base64 (as Consul stores it)")
+            grant = parse_grant(key, who, name, value, now=now, longest=longest)
+        except BadGrant as exc:
+            row["problem"] = str(exc)
+        else:
+            row.update(
+                route=grant.route.raw.partition(": ")[2],
+                expires=grant.expires,
+                left=round(grant.expires - now),
+                by=grant.by,
+                reason=grant.reason,
+            )
+        out.append(row)
     return out
+
+
+def resolve(consul: ConsulHTTP, prefix: str, user: str, what: str) -> str:
+    """The name of ``user``'s grant that ``what`` designates: a key name as
+    ``--list`` shows it, or a route (its host's name, or a grant whose route
+    is exactly ``what``). GrantError naming ``user``'s grants if none does."""
+    if not user or "/" in user or not user.isprintable():
+        raise GrantError(f"{printable(user)!r} is not a user as --list shows one")
+    rows = listing(consul, prefix, user=user)
+    names: list[str] = [str(r["name"]) for r in rows if r["user"] == user]
+    if what in names:
+        return what
+    by_host = grant_name(what)
+    if by_host in names:
+        return by_host
+    routes = sorted({str(r["name"]) for r in rows if r["route"] == what.strip()})
+    if len(routes) == 1:
+        return routes[0]
+    if routes:
+        raise GrantError(
+            f"several grants of {user} have route {printable(what)!r}: "
+            f"{', '.join(map(printable, routes))}; name one"
+        )
+    known = ", ".join(printable(n) for n in sorted(names)) if names else "none"
+    raise GrantError(
+        f"no grant of {user} named {printable(what)!r} (nor for that route); "
+        f"{user}'s grants under {prefix}: {known}"
+    )
 
 
 def _left(seconds: float | None) -> str:
@@ -252,18 +320,28 @@ def run(args: argparse.Namespace) -> int:
     consul = ConsulHTTP(consul_base_url(settings.consul.address), token)
     prefix = settings.access.grants_prefix
     if args.list:
-        grants = listing(consul, prefix)
+        grants = listing(consul, prefix, longest=settings.access.grant_max)
         if not grants:
             print("no grants")
+        else:
+            print(f"{'USER':<12} {'NAME':<16} {'ROUTE':<24} {'LEFT':>8}  BY (REASON)")
         for g in grants:
-            line = f"{g['user']:<12} {g['route']:<24} {_left(g['left']):>8}  by {g['by']}"
-            print(line + (f"  ({g['reason']})" if g["reason"] else ""))
+            who, name = printable(g["user"], 40), printable(g["name"], 80)
+            if g["problem"] is not None:
+                print(f"{who:<12} {name:<16} malformed, ignored: {printable(g['problem'])}")
+                continue
+            line = f"{who:<12} {name:<16} {g['route']:<24} {_left(g['left']):>8}"
+            line += f"  by {printable(g['by'])}"
+            print(line + (f"  ({printable(g['reason'])})" if g["reason"] else ""))
         return 0
     if args.user is None or args.route is None:
-        raise GrantError("bastion grant USER ROUTE --for DURATION (or --list, --revoke USER ROUTE)")
+        raise GrantError(
+            "bastion grant USER ROUTE --for DURATION (or --list, --revoke USER ROUTE|NAME)"
+        )
     if args.revoke:
-        revoke(consul, prefix, args.user, grant_name(args.route))
-        print(f"revoked: {prefix}{args.user}/{grant_name(args.route)} (its session destroyed)")
+        name = resolve(consul, prefix, args.user, args.route)
+        revoke(consul, prefix, args.user, name)
+        print(f"revoked: {prefix}{args.user}/{printable(name)} (its session destroyed)")
         return 0
     if args.duration is None:
         raise GrantError("--for DURATION is required (e.g. --for 2h)")
@@ -297,7 +375,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--by", help="who grants (default: your login name)")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--list", action="store_true", help="list the grants")
-    what.add_argument("--revoke", action="store_true", help="end USER's grant of ROUTE now")
+    what.add_argument(
+        "--revoke",
+        action="store_true",
+        help="end USER's grant now: ROUTE, or the grant's NAME as --list shows it",
+    )
     p.add_argument("--config", type=Path, required=True, help="the bastion's settings")
     p.add_argument(
         "--consul-token-file",

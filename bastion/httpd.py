@@ -1,9 +1,15 @@
 """A deliberately small HTTP/1.1 responder for ``/metrics`` and ``/health``.
 
-One GET per connection, a deadline on every connection (:data:`HTTP_DEADLINE`
-seconds for the request, headers included, and for the answer) and at most
-:data:`HTTP_CLIENTS` served at once, so a local user holding half-sent
-requests can neither pin file descriptors nor slow logins. It listens on
+One GET per connection, deadlines on every connection
+(:data:`REQUEST_DEADLINE` seconds to send the request line and headers,
+:data:`HTTP_DEADLINE` for everything, the answer included) and at most
+:data:`HTTP_CLIENTS` at once, so a local user holding half-sent requests can
+neither pin file descriptors nor slow logins. At that bound a new connection
+closes the oldest one still sending its request, and is refused only when
+all are being answered: refusing the newcomer instead would let 16 half-sent
+requests take /health offline (a load balancer would then take the bastion
+out of service), the same fair idea as the SSH door's (docs/hostile-clients.md).
+A real client sends its whole request at once, in far less than 2 s. It listens on
 ``host:port`` or, for a path starting with ``/``, a Unix socket (how a
 worker hands its page to the supervisor, :mod:`bastion.workers`).
 """
@@ -15,7 +21,8 @@ from collections.abc import Awaitable, Callable, Mapping
 
 from bastion.addresses import split_host_port
 
-HTTP_DEADLINE = 5.0
+HTTP_DEADLINE = 5.0  # seconds for a whole exchange
+REQUEST_DEADLINE = 2.0  # seconds to send the request line and headers
 HTTP_CLIENTS = 16
 HTTP_LINE_MAX = 8192
 HTTP_HEADERS_MAX = 64
@@ -32,7 +39,10 @@ class SmallHTTP:
         self._routes = dict(routes)
         self._default_port = default_port
         self._server: asyncio.Server | None = None
-        self._clients = 0
+        # connections being served, oldest first: True while still reading
+        # their request (those may be closed to make room)
+        self._clients: dict[asyncio.Task[None], bool] = {}
+        self._evicted: set[asyncio.Task[None]] = set()  # cancelled to make room
 
     async def start(self, listen: str) -> None:
         """Listen on ``listen`` (``host:port``, or a Unix socket path).
@@ -50,17 +60,34 @@ class SmallHTTP:
             self._server.close()
             self._server = None
 
+    def _make_room(self) -> bool:
+        """At :data:`HTTP_CLIENTS`: close the oldest connection still sending
+        its request. False when every one is being answered."""
+        if len(self._clients) < HTTP_CLIENTS:
+            return True
+        oldest = next((task for task, reading in self._clients.items() if reading), None)
+        if oldest is None:
+            return False
+        del self._clients[oldest]
+        self._evicted.add(oldest)
+        oldest.cancel()  # its finally closes its socket
+        return True
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._clients >= HTTP_CLIENTS:
+        me = asyncio.current_task()
+        if me is None or not self._make_room():
             writer.close()
             return
-        self._clients += 1
+        self._clients[me] = True
         try:
             async with asyncio.timeout(HTTP_DEADLINE):
-                line = await reader.readline()
-                for _ in range(HTTP_HEADERS_MAX):  # the headers, ignored
-                    if (await reader.readline()) in (b"\r\n", b"\n", b""):
-                        break
+                async with asyncio.timeout(REQUEST_DEADLINE):
+                    line = await reader.readline()
+                    for _ in range(HTTP_HEADERS_MAX):  # the headers, ignored
+                        if (await reader.readline()) in (b"\r\n", b"\n", b""):
+                            break
+                if me in self._clients:
+                    self._clients[me] = False  # being answered: not evicted
                 parts = line.decode("latin-1").split()
                 path = parts[1].split("?", 1)[0] if len(parts) >= 2 else ""
                 page = self._routes.get(path)
@@ -79,8 +106,15 @@ class SmallHTTP:
                 await writer.drain()
         except (TimeoutError, ValueError, ConnectionError, asyncio.IncompleteReadError):
             pass  # a slow, odd or vanished client: nothing to answer
+        except asyncio.CancelledError:
+            if me not in self._evicted:
+                raise
+            # closed to make room: end as any cut connection does (Python
+            # 3.11's start_server logs a traceback for a cancelled client task)
+            me.uncancel()
         finally:
-            self._clients -= 1
+            self._clients.pop(me, None)
+            self._evicted.discard(me)
             writer.close()
 
 

@@ -85,10 +85,11 @@ class Metrics:
         self.auth_failures = Counter(
             "bastion_auth_failures", "Failed authentication attempts", ["method"], registry=r
         )
-        # the door (bastion/core/gate.py): drops before the SSH version line
+        # the door (bastion/core/gate.py): drops before the SSH version line,
+        # and unauthenticated connections evicted by its fair share
         self.refused = Counter(
             "bastion_connections_refused",
-            "Connections dropped at accept, by reason (penalised, max-startups, proxy-...)",
+            "Connections dropped at accept or evicted, by reason (penalised, evicted, proxy-...)",
             ["reason"],
             registry=r,
         )

@@ -73,7 +73,9 @@ class OwnService:
         path = "/v1/agent/service/maintenance/" + urllib.parse.quote(self.id, safe="")
         params = {"enable": "true" if enable else "false", "reason": reason}
         status, body = await self._call("PUT", path, params)
-        if status == 404:
+        # Consul 1.8 answers an unregistered service ID with 500 "Unknown
+        # service" (newer versions with 404): not registered yet, not a failure
+        if status == 404 or (status == 500 and "Unknown service" in str(body)):
             return False
         if status != 200:
             raise ServiceUnavailable(f"maintenance mode for {self.id}: HTTP {status} {body}")

@@ -37,6 +37,7 @@ async def serve(
     app = Application(settings if role is None else worker_settings(settings, role))
     if role is not None:
         app.listen_sock = socket.socket(fileno=role.listen_fd)
+        app.as_worker = functools.partial(worker_settings, role=role)
     drain = asyncio.Event()
     now = asyncio.Event()
     loop = asyncio.get_running_loop()

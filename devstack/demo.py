@@ -64,7 +64,34 @@ def _fleet_text(consul: ConsulAgent, fleet: list[BastionProcess], key: Path) -> 
     return "\n".join(lines)
 
 
-def run_demo(workdir: Path | None, port: int, bastions: int = 1) -> int:
+SSH_CONFIG = """\
+# bastion demo: ssh -F {path} bastion | ssh -F {path} -J bastion host-102
+Host bastion
+  HostName 127.0.0.1
+  Port {port}
+{hosts}Host *
+  User alice
+  IdentityFile {key}
+  CertificateFile {key}-cert.pub
+  IdentitiesOnly yes
+  UserKnownHostsFile /dev/null
+  StrictHostKeyChecking no
+  LogLevel ERROR
+"""
+
+
+def _ssh_config(base: Path, port: int, hosts: dict[str, SshdHost], key: Path) -> Path:
+    """An ssh_config for the demo: ``-F`` reaches the ``-J`` hop too, which
+    command-line ``-i``/``-o`` options do not."""
+    path = base / "ssh_config"
+    entries = "".join(
+        f"Host {name}\n  HostName {h.address}\n  Port {h.port}\n" for name, h in hosts.items()
+    )
+    path.write_text(SSH_CONFIG.format(path=path, port=port, hosts=entries, key=key))
+    return path
+
+
+def run_demo(workdir: Path | None, port: int, bastions: int = 1, workers: int = 1) -> int:
     own_dir = workdir is None
     base = Path(tempfile.mkdtemp(prefix="bastion-demo-")) if workdir is None else workdir
     base.mkdir(parents=True, exist_ok=True)
@@ -90,7 +117,10 @@ def run_demo(workdir: Path | None, port: int, bastions: int = 1) -> int:
         vault_out = base / "vault-out"
         print(devstack.setup_vault(bao, vault_out), end="")
 
-        step("starting host-101 and host-102 (OpenSSH, trusting the Vault CA)")
+        step("starting host-101 and host-102 (OpenSSH, trusting the Vault CA and the people's CA)")
+        # people's own certificates for `ssh -J` (end to end: the host checks
+        # the person, not the bastion), from a CA standing in for the company's
+        people_ca = devstack.keygen(base / "people-ca", comment="demo people CA")
         hosts = {}
         for name, addr in (("host-101", "127.0.1.101"), ("host-102", "127.0.1.102")):
             # port 22 on the host's own address when free, so routes read "host-102"
@@ -98,7 +128,7 @@ def run_demo(workdir: Path | None, port: int, bastions: int = 1) -> int:
                 name,
                 addr,
                 base / name,
-                [vault_out / "user_ca.pub"],
+                [vault_out / "user_ca.pub", people_ca.with_suffix(".pub")],
                 port=22 if _port_free(addr, 22) else 0,
             )
             parts.append(host.start())
@@ -113,8 +143,14 @@ def run_demo(workdir: Path | None, port: int, bastions: int = 1) -> int:
 
         step(f"routing alice → host-102 (consul kv put users/alice {where('host-102')})")
         key = devstack.keygen(base / "id_alice", comment="alice@demo")
+        devstack.sign_user_key(people_ca, key.with_suffix(".pub"), ["alice"], "alice", "+12h")
         consul.kv_put("ssh-keys/alice", key.with_suffix(".pub").read_text())
         consul.kv_put("users/alice", where("host-102"))
+        # a second person: deleting the only entry of users/ looks like a
+        # token that lost its read (docs/access.md) and closes nothing
+        bob = devstack.keygen(base / "id_bob", comment="bob@demo")
+        consul.kv_put("ssh-keys/bob", bob.with_suffix(".pub").read_text())
+        consul.kv_put("users/bob", where("host-101"))
 
         for i in range(bastions):
             step(f"starting the bastion on 127.0.0.1:{port + i}")
@@ -122,7 +158,13 @@ def run_demo(workdir: Path | None, port: int, bastions: int = 1) -> int:
                 base / ("bastion" if i == 0 else f"bastion-{i + 1}"),
                 {
                     # a drain (SIGTERM) gives live sessions two minutes here
-                    "server": {"auth_methods": ["publickey"], "drain_timeout": 120},
+                    "server": {
+                        "auth_methods": ["publickey"],
+                        "drain_timeout": 120,
+                        "workers": workers,
+                    },
+                    # bastion sessions / kill --socket (here, not /run/bastion)
+                    "admin": {"socket": str(base / f"admin-{i}.sock")},
                     "consul": {
                         "address": consul.http_addr,
                         "token_file": str(tokens / "bastion.token"),
@@ -141,6 +183,7 @@ def run_demo(workdir: Path | None, port: int, bastions: int = 1) -> int:
             fleet.append(one)
             print(one.register(consul, tokens / "agent-reload.token").stdout, end="")
         bastion = fleet[0]
+        ssh_config = _ssh_config(base, port, hosts, key)
 
         def passing() -> bool:
             code, body = consul.api("GET", "/v1/health/service/ssh-bastion?passing=1")
@@ -158,6 +201,23 @@ The bastion is up. Log in as alice (lands on host-102):
 
     ssh -i {key} -o UserKnownHostsFile=/dev/null -o StrictHostKeyChecking=no \\
         -p {port} alice@127.0.0.1
+
+or with the demo's ssh_config, also jumping through it (end to end to the
+host; alice's own certificate from the demo's people CA logs her in there):
+
+    ssh -F {ssh_config} bastion
+    ssh -F {ssh_config} -J bastion host-102
+
+Live sessions, and ending them (the person reads why):
+
+    {devstack.bastion_bin()} sessions --socket {base / "admin-0.sock"}
+    {devstack.bastion_bin()} kill --socket {base / "admin-0.sock"} --user alice --why "demo"
+
+Grant alice a jump to host-101 for five minutes (docs/access.md):
+
+    {devstack.bastion_bin()} grant alice {where("host-101")} --for 5m --config {bastion.config} \\
+        --consul-token-file {tokens}/operator.token
+    ssh -F {ssh_config} -J bastion host-101
 
 Move alice to host-101, as an operator would, and log in again:
 

@@ -10,6 +10,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import tomllib
@@ -156,6 +157,7 @@ def test_correct_stack_all_pass_with_the_management_token(
         "bastion token: read users/",
         "bastion token: read ssh-keys/",
         "bastion token: read host-keys/",
+        "bastion token: read grants/",
         "bastion token: list nodes",
         "bastion token: read health",
         "bastion token: service maintenance",
@@ -247,6 +249,35 @@ def test_bastion_policy_that_may_write_all_kv(stack: BastionProcess, consul: Con
     assert "then deleted it" in fail["detail"]
     assert "bootstrap-acl.sh" in fail["fix"]
     assert run_doctor(stack.config).code == 0  # restored
+
+
+def test_bastion_policy_from_before_grants(stack: BastionProcess, consul: ConsulAgent) -> None:
+    """An upgrade that did not re-run bootstrap-acl.sh: the bastion token cannot
+    read grants/ (Consul answers it like an empty prefix), so grants would
+    silently grant nothing; the doctor says so."""
+    policies = ok(*consul.api("GET", "/v1/acl/policies"))
+    pid = next(p["ID"] for p in policies if p["Name"] == "bastion")
+    original = ok(*consul.api("GET", f"/v1/acl/policy/{pid}"))
+    narrowed = re.sub(r'key_prefix "grants/" \{[^}]*\}\n?', "", original["Rules"])
+    assert narrowed != original["Rules"]
+
+    def put(rules: str) -> None:
+        body = {
+            "ID": pid,
+            "Name": "bastion",
+            "Description": original["Description"],
+            "Rules": rules,
+        }
+        ok(*consul.api("PUT", f"/v1/acl/policy/{pid}", body=body))
+
+    put(narrowed)
+    try:
+        res = run_doctor(stack.config)
+    finally:
+        put(original["Rules"])
+    assert res.code == 1, res.stdout
+    assert res.named("FAIL") == {"bastion token: read grants/"}, res.stdout
+    assert "bootstrap-acl.sh" in res.by_name["bastion token: read grants/"]["fix"]
 
 
 def test_anonymous_token_that_may_read_routes(stack: BastionProcess, consul: ConsulAgent) -> None:

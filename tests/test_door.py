@@ -225,18 +225,23 @@ def test_max_startups_drops_early(
     new_bastion: Callable[..., BastionProcess], people: dict[str, Person]
 ) -> None:
     # MaxStartups 2:100:4: from 2 unauthenticated connections every new one
-    # is dropped (rate 100 %); the person then retries
+    # from a source already holding one is dropped (rate 100 %); a source
+    # holding none is never dropped at random (the fair share); the person
+    # then retries
     bastion = new_bastion(max_startups="2:100:4", max_unauthenticated=4)
     held = [
-        socket.create_connection(("127.0.0.1", bastion.port), 5, (f"127.0.0.{n}", 0))
-        for n in (6, 7)
+        socket.create_connection(("127.0.0.1", bastion.port), 5, ("127.0.0.6", 0)) for _ in range(2)
     ]
     try:
         for sock in held:
             assert sock.recv(64).startswith(b"SSH-2.0-")
-        new = socket.create_connection(("127.0.0.1", bastion.port), 5, ("127.0.0.8", 0))
+        new = socket.create_connection(("127.0.0.1", bastion.port), 5, ("127.0.0.6", 0))
         with new, contextlib.suppress(ConnectionResetError):
             assert new.recv(64) == b""  # no version line: dropped at accept
+        assert series(bastion, "bastion_connections_refused_total", reason="max-startups") == 1
+        fresh = socket.create_connection(("127.0.0.1", bastion.port), 5, ("127.0.0.8", 0))
+        held.append(fresh)
+        assert fresh.recv(64).startswith(b"SSH-2.0-")  # a newcomer: let in
         assert series(bastion, "bastion_connections_refused_total", reason="max-startups") == 1
     finally:
         for sock in held:
@@ -269,3 +274,45 @@ def test_reload_applies_new_bounds_to_new_connections(
         second = socket.create_connection(("127.0.0.1", bastion.port), 5, source)
         with second, contextlib.suppress(ConnectionResetError):
             assert second.recv(64) == b""  # one unauthenticated connection per source now
+
+
+def test_many_sources_at_their_share_cannot_lock_out_a_newcomer(
+    new_bastion: Callable[..., BastionProcess], people: dict[str, Person]
+) -> None:
+    """21 addresses each hold PerSourceMaxStartups (16) idle connections: 336
+    wanted, more than MaxStartups full (256). sshd would then drop every
+    newcomer (random early drop at 100 %, or refused at full) while the
+    holders pay nothing; the fair share lets 127.0.0.1 in by evicting the
+    oldest connection of the biggest holder (docs/hostile-clients.md)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:  # this test process only: 336 sockets
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+    def no_penalties(sections: dict[str, dict[str, object]]) -> None:
+        sections["penalties"] = {"enabled": False}
+
+    bastion = new_bastion(tweak=no_penalties, login_grace_time=20)
+    key = people["alice"].key
+    assert login(bastion, key)[0]  # warm
+    full = 256  # max_unauthenticated's default, MaxStartups full
+    plan = [(f"127.0.2.{n}", PER_SOURCE, False) for n in range(1, 22)]
+    flood, logins, _ = during(
+        bastion,
+        key,
+        plan,
+        6.0,
+        lambda f: (bastion.metric("bastion_unauthenticated_connections") or 0) >= full,
+    )
+    times = sorted(t for _, t in logins)
+    evicted = series(bastion, "bastion_connections_refused_total", reason="evicted")
+    print(
+        f"\n21 sources x {PER_SOURCE} idle: {sum(ok for ok, _ in logins)}/{len(logins)} "
+        f"logins ok from 127.0.0.1, p50 {statistics.median(times):.2f} s, "
+        f"max {times[-1]:.2f} s; {evicted:.0f} evicted; flood admitted {flood.admitted}, "
+        f"dropped {flood.refused}"
+    )
+    assert all(ok for ok, _ in logins), logins
+    assert len(logins) >= 5 and times[-1] < 5.0, times
+    assert evicted >= 1
+    # the holders stay within their share
+    assert max(flood.most.values()) <= PER_SOURCE, flood.most

@@ -186,3 +186,39 @@ def test_proxy_sources_are_never_penalised_themselves() -> None:
     b.penalise("10.0.0.6", "noauth")
     assert b.refuses("10.0.0.5") is None
     assert b.refuses("10.0.0.6") == "10.0.0.6/32"
+
+
+def _v2(command: int, family: int, body: bytes) -> bytes:
+    return proxy.V2_SIGNATURE + bytes([command, family]) + len(body).to_bytes(2, "big") + body
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        # address blocks shorter than their family needs: the decoder raised
+        # struct.error from inside it (one uncaught traceback per connection)
+        _v2(0x21, 0x11, b"abcd"),  # TCP over IPv4 needs 12 bytes
+        _v2(0x21, 0x21, bytes(12)),  # TCP over IPv6 needs 36
+        _v2(0x21, 0x31, bytes(4)),  # UNIX needs 216
+        _v2(0x21, 0x12, bytes(11)),  # UDP over IPv4
+        # a v1 source with a zone names an interface of the proxy's, and no
+        # TCP client has source port 0
+        b"PROXY TCP6 fe80::1%eth0 ::1 50000 22\r\n",
+        b"PROXY TCP4 198.51.100.7 192.0.2.1 0 22\r\n",
+        b"PROXY TCP6 2001:db8::7 2001:db8::1 0 22\r\n",
+    ],
+)
+def test_proxy_headers_the_decoder_chokes_on_are_invalid(data: bytes) -> None:
+    with pytest.raises(proxy.ProxyHeaderError):
+        proxy.parse(data)
+
+
+def test_proxy_v2_source_port_0_is_invalid() -> None:
+    zero = ProxyProtocolV2().pack(
+        ProxyResultIPv4(
+            (ipaddress.IPv4Address("203.0.113.9"), 0),
+            (ipaddress.IPv4Address("192.0.2.1"), 22),
+        )
+    )
+    with pytest.raises(proxy.ProxyHeaderError, match="port 0"):
+        proxy.parse(zero)

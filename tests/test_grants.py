@@ -33,8 +33,13 @@ def _value(**fields: object) -> bytes:
     return json.dumps({"route": "host-103", "expires": 2_000_000_000, **fields}).encode()
 
 
+NOW = 2_000_000_000 - 3600.0  # an hour before _value's "expires"
+
+
 def test_parse_grant_reads_route_expiry_and_who() -> None:
-    g = parse_grant("grants/alice/host-103", "alice", "host-103", _value(by="ops", reason="INC"))
+    g = parse_grant(
+        "grants/alice/host-103", "alice", "host-103", _value(by="ops", reason="INC"), now=NOW
+    )
     assert [str(t) for t in g.targets] == ["host-103"]
     assert (g.expires, g.by, g.reason) == (2_000_000_000.0, "ops", "INC")
     assert is_grant_route(g.route) and g.route.raw == "grant grants/alice/host-103: host-103"
@@ -55,11 +60,92 @@ def test_parse_grant_reads_route_expiry_and_who() -> None:
         ("alice", _value(route="host 103"), "bad host"),
         ("alice", _value(by=3), "'by'"),
         ("alice", b"x" * 5000, "bytes"),
+        # an "expires" that never comes (Python's json takes these)
+        ("alice", b'{"route": "host-103", "expires": Infinity}', "finite"),
+        ("alice", b'{"route": "host-103", "expires": -Infinity}', "finite"),
+        ("alice", b'{"route": "host-103", "expires": NaN}', "finite"),
+        ("alice", b'{"route": "host-103", "expires": 1e400}', "finite"),
+        ("alice", b'{"route": "host-103", "expires": 1' + b"0" * 400 + b"}", "finite"),
+        ("alice", _value(expires=1e300), "grant_max"),
+        ("alice", _value(expires=NOW + 86400 + 61), "grant_max"),
+        ("alice", _value(by="ops\x1b[2J"), "'by'"),
+        ("alice", _value(reason="INC\nforged line"), "'reason'"),
+        ("alice", _value(reason="x" * 201), "'reason'"),
+        ("alice", _value(route="host-1," * 9 + "host-2"), "targets"),
     ],
 )
 def test_parse_grant_refuses_what_gives_nothing(user: str, value: bytes, problem: str) -> None:
     with pytest.raises(BadGrant, match=problem):
-        parse_grant(f"grants/{user}/h", user, "h", value)
+        parse_grant(f"grants/{user}/h", user, "h", value, now=NOW)
+
+
+def test_parse_grant_bounds_expires_by_grant_max_with_slack() -> None:
+    # grant_max (+60 s of clock skew) after the time the value is read
+    for longest in (86400.0, 3600.0):
+        ok = _value(expires=NOW + longest + 59)
+        assert parse_grant("grants/a/h", "a", "h", ok, now=NOW, longest=longest).expires > NOW
+        with pytest.raises(BadGrant, match="grant_max"):
+            late = _value(expires=NOW + longest + 61)
+            parse_grant("grants/a/h", "a", "h", late, now=NOW, longest=longest)
+    # long past is no problem: an ended grant
+    assert not parse_grant("grants/a/h", "a", "h", _value(expires=0), now=NOW).active(NOW)
+
+
+@pytest.mark.parametrize(
+    ("name", "ok"),
+    [
+        ("host-103", True),
+        ("127.0.1.101", True),
+        ("2001_db8__1", True),
+        ("INC-42", True),
+        ("inf", True),
+        ("a/b", False),
+        ("x y", False),
+        (".hidden", False),
+        ("-x", False),
+        ("h" * 254, False),
+        ("caf\u00e9", False),
+    ],
+)
+def test_grant_names(name: str, ok: bool) -> None:
+    """The key's last part: a host-like name (`bastion grant` writes the host's)."""
+    if ok:
+        assert parse_grant(f"grants/a/{name}", "a", name, _value(), now=NOW).name == name
+    else:
+        with pytest.raises(BadGrant, match="grant name"):
+            parse_grant(f"grants/a/{name}", "a", name, _value(), now=NOW)
+
+
+def test_grant_table_judges_a_value_once(caplog: pytest.LogCaptureFixture) -> None:
+    """A malformed value is logged once, however many changes follow; an
+    "expires" is judged against the time the value was first read (so an
+    unchanged too-distant grant does not come into force later)."""
+    now = 1_000_000.0
+    far = _value(expires=now + 86400 + 120)
+    entries = {
+        "alice/inf": b'{"route": "host-103", "expires": Infinity}',
+        "alice/far": far,
+        "alice/host-101": _value(route="host-101", expires=now + 600),
+        "alice/": b"",  # a Consul "folder": not a grant, no warning
+    }
+    with caplog.at_level("WARNING", logger="bastion.directory"):
+        first = GrantTable(entries, now=now)
+        later = GrantTable(
+            {**entries, "bob/x": _value(expires=now + 60)}, previous=first, now=now + 3600
+        )
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 2, warned
+    assert any("grants/alice/inf" in w and "finite" in w for w in warned)
+    assert set(first.malformed) == set(later.malformed) == {"alice/inf", "alice/far"}
+    assert [g.name for g in later.for_user("alice", now)] == ["host-101"]
+    assert later.next_expiry(now) == now + 60
+    # a bastion that reads it first an hour later takes it (bounded from then)
+    assert "alice/far" not in GrantTable(entries, now=now + 3600).malformed
+    # rewritten: judged again
+    fixed = GrantTable(
+        {**entries, "alice/far": _value(expires=now + 7200)}, previous=first, now=now
+    )
+    assert [g.name for g in fixed.for_user("alice", now)] == ["far", "host-101"]
 
 
 def test_grant_table_serves_only_grants_in_force() -> None:
@@ -101,7 +187,16 @@ def test_durations_and_names() -> None:
 
 def bastion_cli(proc: BastionProcess, tokens: ConsulTokens, *args: str) -> str:
     """``bastion grant ARGS`` with the operator's token; its stdout (exit 0)."""
-    res = subprocess.run(
+    res = grant_cli(proc, tokens, *args)
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+def grant_cli(
+    proc: BastionProcess, tokens: ConsulTokens, *args: str
+) -> subprocess.CompletedProcess[str]:
+    """``bastion grant ARGS`` with the operator's token, whatever its exit."""
+    return subprocess.run(
         [
             devstack.bastion_bin(),
             "grant",
@@ -116,8 +211,6 @@ def bastion_cli(proc: BastionProcess, tokens: ConsulTokens, *args: str) -> str:
         timeout=30,
         check=False,
     )
-    assert res.returncode == 0, res.stderr
-    return res.stdout
 
 
 @pytest.fixture
@@ -281,6 +374,69 @@ def test_grant_routes_a_person_without_an_entry_and_revoke_ends_it_now(
         assert "no grants" in bastion_cli(proc, consul_tokens, "--list")
     finally:
         consul.kv_delete("ssh-keys/dave")
+
+
+def test_a_grant_that_never_ends_grants_nothing_and_hides_no_other(
+    new_bastion: Callable[..., BastionProcess],
+    consul: ConsulAgent,
+    consul_tokens: ConsulTokens,
+    hosts: dict[str, SshdHost],
+    jump_key: Path,
+    clean_grants: None,
+) -> None:
+    """Keys written by hand (here with the management token; the operator's
+    writes the same) whose "expires" is Infinity, NaN or 1e300: the bastion
+    ignores each with one WARNING, `--list` shows them as malformed beside
+    the good grants, and `--revoke` takes the key names `--list` shows."""
+    proc = new_bastion()
+    h101 = hosts["host-101"]
+    target = route(hosts, "host-101")
+    bad = {
+        "inf": f'{{"route": "{target}", "expires": Infinity, "by": "x"}}',
+        "nan": f'{{"route": "{target}", "expires": NaN}}',
+        "huge": json.dumps({"route": target, "expires": 1e300}),
+    }
+    for name, value in bad.items():
+        consul.kv_put(f"grants/alice/{name}", value)
+
+    def warnings(name: str) -> int:
+        return proc.log.read_text().count(f"ignoring grant 'grants/alice/{name}'")
+
+    devstack.wait_until("the bastion read the bad grants", lambda: all(warnings(n) for n in bad), 8)
+    assert run(jump(proc, jump_key, h101, "hostname")).returncode == 255  # nothing granted
+    # a good grant beside them, by hand (no session) and named otherwise
+    good = json.dumps({"route": target, "expires": round(time.time()) + 600, "by": "ops"})
+    consul.kv_put("grants/alice/inc-42", good)
+    bastion_cli(proc, consul_tokens, "bob", route(hosts, "host-102"), "--for", "5m")
+    devstack.wait_until(
+        "the good grant is in force",
+        lambda: run(jump(proc, jump_key, h101, "hostname")).stdout == b"host-101\n",
+        8,
+    )
+    assert {n: warnings(n) for n in bad} == dict.fromkeys(bad, 1)  # once per change
+    listed = bastion_cli(proc, consul_tokens, "--list")
+    lines = {tuple(line.split()[:2]): line for line in listed.splitlines()}
+    for name in bad:
+        assert "malformed, ignored" in lines["alice", name], listed
+    assert "finite" in lines["alice", "inf"] and "grant_max" in lines["alice", "huge"]
+    assert target in lines["alice", "inc-42"] and "by ops" in lines["alice", "inc-42"]
+    assert route(hosts, "host-102") in lines["bob", "host-102"], listed
+    # --revoke by a key name --list shows, or by the route of a hand-written key
+    assert "grants/alice/inf" in bastion_cli(proc, consul_tokens, "--revoke", "alice", "inf")
+    assert kv_status(consul, "grants/alice/inf") == 404
+    out = bastion_cli(proc, consul_tokens, "--revoke", "alice", target)
+    assert "grants/alice/inc-42" in out and kv_status(consul, "grants/alice/inc-42") == 404
+    devstack.wait_until(
+        "the revoked grant no longer allows the jump",
+        lambda: run(jump(proc, jump_key, h101, "hostname")).returncode == 255,
+        8,
+    )
+    missing = grant_cli(proc, consul_tokens, "--revoke", "alice", "nosuch")
+    assert missing.returncode == 1
+    assert "no grant of alice named 'nosuch'" in missing.stderr, missing.stderr
+    assert "alice's grants under grants/: huge, nan" in missing.stderr, missing.stderr
+    nobody = grant_cli(proc, consul_tokens, "--revoke", "carol", "host-101")
+    assert nobody.returncode == 1 and "carol's grants under grants/: none" in nobody.stderr
 
 
 def test_the_bastion_token_cannot_grant(

@@ -129,7 +129,7 @@ def test_half_sent_requests_cannot_pin_the_metrics_endpoint(bastion: BastionProc
         s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # never finished
         held.append(s)
     try:
-        # over the concurrent bound: refused at once, not queued behind the others
+        # over the concurrent bound: the oldest half-sent request makes room
         devstack.wait_until(
             "health answers",
             lambda: (
@@ -140,7 +140,7 @@ def test_half_sent_requests_cannot_pin_the_metrics_endpoint(bastion: BastionProc
             ),
             15,
         )
-        # each half-sent request is closed at its deadline (5 s)
+        # each half-sent request is closed to make room or at its deadline (2 s)
         started = time.monotonic()
         for s in held:
             s.settimeout(15)
@@ -148,6 +148,49 @@ def test_half_sent_requests_cannot_pin_the_metrics_endpoint(bastion: BastionProc
             with contextlib.suppress(ConnectionResetError):
                 assert s.recv(100) == b""
         assert time.monotonic() - started < 12
+    finally:
+        for s in held:
+            s.close()
+
+
+def closed(s: socket.socket, within: float) -> bool:
+    """Whether the peer closes ``s`` within ``within`` seconds."""
+    s.settimeout(within)
+    try:
+        return s.recv(100) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_half_sent_request_lines_cannot_take_health_offline(bastion: BastionProcess) -> None:
+    """32 connections (twice the bound of 16) each send half a request line
+    and hold it: each new one closes the oldest still sending, so /health
+    answers at once, and the rest go at the 2 s request deadline."""
+    started = time.monotonic()
+    held = []
+    for _ in range(32):
+        s = socket.create_connection(("127.0.0.1", bastion.metrics_port), timeout=10)
+        s.sendall(b"GET /hea")  # never finished
+        held.append(s)
+    try:
+        # the 17th to 32nd closed the 1st to 16th at once, well before 2 s
+        assert all(closed(s, 1.5) for s in held[:16])
+        evicted = time.monotonic() - started
+        asked = time.monotonic()
+        url = f"http://127.0.0.1:{bastion.metrics_port}/health"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            assert resp.status == 200
+        answered = time.monotonic() - asked
+        assert answered < 1.0, answered
+        # the 16 still held are cut at the request deadline (2 s), not the 5 s one
+        assert all(closed(s, 4.0) for s in held[16:])
+        cut = time.monotonic() - started
+        assert cut < 4.5, cut
+        print(
+            f"\n16 evicted in {evicted:.2f} s; /health in {answered:.3f} s; rest cut at {cut:.2f} s"
+        )
     finally:
         for s in held:
             s.close()

@@ -275,7 +275,7 @@ def test_replayed_code_is_refused(
     assert ssh_with_code(bastion, person, code, tmp_path).returncode == 0
     again = ssh_with_code(bastion, person, code, tmp_path)
     assert again.returncode == 255
-    assert b"bastion: code already used; wait for the next one" in again.stderr
+    assert b"bastion: code already used or tried; wait for the next one" in again.stderr
     assert again.stdout == b""
     outcomes = [r["outcome"] for r in records(bastion, "second-factor", person.name)]
     assert outcomes == ["ok", "mfa-code-reused"]

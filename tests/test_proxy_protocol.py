@@ -225,3 +225,64 @@ def test_trusted_proxy_without_a_header_is_dropped(
             assert sock.recv(64) == b""
         assert GRACE - 0.5 <= time.monotonic() - started <= GRACE + 2
     assert refused(bastion, "proxy-timeout") == 1
+
+
+def test_a_header_the_decoder_chokes_on_is_counted_not_a_traceback(
+    proxied: tuple[BastionProcess, HeaderRelay],
+) -> None:
+    # a v2 TCP-over-IPv4 header with a 4-byte address block (12 needed): the
+    # decoder raised struct.error, logged as a traceback per connection
+    bastion, _ = proxied
+    before = refused(bastion, "proxy-invalid")
+    short = b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x04abcd"
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", bastion.port), 5, (PROXY, 0)) as sock:
+            sock.sendall(short)
+            with contextlib.suppress(ConnectionResetError):
+                assert sock.recv(64) == b""  # dropped, not even a version line
+    assert refused(bastion, "proxy-invalid") == before + 3
+    log = bastion.log.read_text()
+    # no line per connection (the door's summary, every 10 s at most, may
+    # name the last error)
+    assert "Traceback" not in log and "struct.error" not in log
+
+
+def test_fair_share_applies_to_the_client_behind_the_proxy(
+    new_bastion: Callable[..., BastionProcess], people: dict[str, Person]
+) -> None:
+    """The door is full (4) of two clients' idle connections, all through
+    the proxy: a third client's header is still read, and its login evicts
+    the oldest connection of a client holding 2 (docs/hostile-clients.md)."""
+
+    def no_penalties(sections: dict[str, dict[str, object]]) -> None:
+        sections["penalties"] = {"enabled": False}
+
+    bastion = new_bastion(
+        tweak=no_penalties, max_unauthenticated=4, proxy_protocol_from=[f"{PROXY}/32"]
+    )
+    held = []
+    try:
+        for n in (7, 7, 8, 8):
+            sock = socket.create_connection(("127.0.0.1", bastion.port), 5, (PROXY, 0))
+            held.append(sock)
+            sock.sendall(f"PROXY TCP4 198.51.100.{n} 127.0.0.1 4000{len(held)} 22\r\n".encode())
+            assert sock.recv(64).startswith(b"SSH-2.0-")
+        assert bastion.metric("bastion_unauthenticated_connections") == 4
+        relay = HeaderRelay(bastion.port)
+        try:
+            relay.client(1, "198.51.100.9", 50000)
+            result = login(relay.port, people["alice"].key)
+        finally:
+            relay.close()
+        assert result.returncode == 0 and result.stdout == b"host-102\n", result.stderr
+        assert refused(bastion, "evicted") == 1
+        # the oldest of 198.51.100.7's was told why and closed
+        held[0].settimeout(5)
+        told = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := held[0].recv(4096):
+                told += chunk
+        assert b"too many unauthenticated connections from your address" in told
+    finally:
+        for sock in held:
+            sock.close()

@@ -78,6 +78,33 @@ def test_reload_applies_live_settings_and_names_the_rest(
         proc.stop()
 
 
+def test_reload_applies_access_settings(
+    new_bastion: Callable[..., BastionProcess],
+    people: dict[str, Person],
+) -> None:
+    """``[access]`` applies live (the second factor's mode, on_revoke, ...),
+    but ``grants_prefix``, which names a directory watch, needs a restart."""
+    proc = new_bastion()
+    try:
+        assert login(proc, "alice", people["alice"].key).stdout == b"host-102\n"
+
+        def require_codes(settings: dict[str, Any]) -> None:
+            settings["access"] = {
+                "mfa": "required",
+                "on_revoke": "keep",
+                "grants_prefix": "elsewhere/",
+            }
+
+        record = reload_with(proc, require_codes)
+        assert {"[access] mfa", "[access] on_revoke"} <= set(record["applied"]), record
+        assert record["need_restart"] == ["[access] grants_prefix"]
+        # a key alone no longer logs anyone in: the code is asked (BatchMode cannot answer)
+        refused = login(proc, "alice", people["alice"].key)
+        assert refused.returncode == 255 and refused.stdout == b"", refused.stderr
+    finally:
+        proc.stop()
+
+
 def test_an_invalid_file_changes_nothing(
     new_bastion: Callable[..., BastionProcess],
     people: dict[str, Person],

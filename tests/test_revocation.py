@@ -218,6 +218,43 @@ def test_route_moved_elsewhere_is_not_a_revocation(
         stop_ssh_client(held)
 
 
+def test_jump_host_removed_from_the_entry_keeps_open_tunnels_refuses_new_ones(
+    new_bastion: Callable[..., BastionProcess],
+    consul: ConsulAgent,
+    hosts: dict[str, SshdHost],
+    carol: Person,
+) -> None:
+    """Like a moved route (docs/access.md): an `ssh -W` tunnel already open to
+    a jump host stays open when the host leaves the entry's "jump"; a new one
+    is refused at once."""
+    h101 = hosts["host-101"]
+    entry = {"route": route(hosts, "host-102"), "jump": [route(hosts, "host-101")]}
+    consul.kv_put("users/carol", json.dumps(entry))
+    proc = new_bastion()
+    tunnel = ssh_command(
+        port=proc.port,
+        user="carol",
+        identity=carol.key,
+        extra=("-W", f"{h101.address}:{h101.port}"),
+    )
+    held = subprocess.Popen(
+        tunnel, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        assert held.stdout is not None
+        assert held.stdout.readline().startswith(b"SSH-2.0-")  # host-101's sshd, through it
+        consul.kv_put("users/carol", route(hosts, "host-102"))
+        proc.wait_synced(consul)
+        refused = subprocess.run(
+            tunnel, capture_output=True, timeout=30, check=False, stdin=subprocess.DEVNULL
+        )
+        assert refused.returncode == 255 and b"forwarding failed" in refused.stderr, refused.stderr
+        assert held.poll() is None  # the open tunnel stays
+        assert revokes(proc) == []
+    finally:
+        stop_ssh_client(held)
+
+
 def test_certificate_login_lasts_while_its_user_ca_is_trusted(
     new_bastion: Callable[..., BastionProcess],
     consul: ConsulAgent,

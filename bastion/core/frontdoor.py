@@ -37,6 +37,7 @@ from bastion.errors import (
     SessionEnded,
     TooManyAuthFailures,
     TooManyConnections,
+    UserChanged,
 )
 from bastion.events import (
     AuthFailed,
@@ -276,6 +277,14 @@ class BastionConnection(PersonLimits):
     # -- authentication ------------------------------------------------------
 
     def begin_auth(self, username: str) -> bool:
+        if self.user and username != self.user:
+            # sshd refuses it outright (auth2.c); here it would also mix one
+            # name's first factor, second factor and upstream login with another's
+            self._disconnect(
+                UserChanged(f"Change of username not allowed: {self.user} -> {username}"),
+                asyncssh.DISC_PROTOCOL_ERROR,
+            )
+            return True
         if not self.user and self.conn is not None:
             client = self.conn.get_extra_info("client_version") or ""
             self._ctx.events.emit(Greeted(self.conn_id, self.source, username, str(client)))
@@ -320,9 +329,11 @@ class BastionConnection(PersonLimits):
 
     def get_kbdint_challenge(
         self, username: str, lang: str, submethods: str
-    ) -> tuple[str, str, str, list[tuple[str, bool]]]:
+    ) -> tuple[str, str, str, list[tuple[str, bool]]] | bool:
         if self._factor is not None and self._factor.pending_for(username):
             return self._factor.challenge()
+        if "keyboard-interactive" not in self._ctx.settings.auth_methods:
+            return False  # offered only for a pending second factor
         return "", "", "", [("Password: ", False)]
 
     async def validate_kbdint_response(self, username: str, responses: Sequence[str]) -> bool:
@@ -330,7 +341,7 @@ class BastionConnection(PersonLimits):
             self._attempt = ("totp", None)
             return await self._factor.check_response(username, responses)
         self._attempt = ("keyboard-interactive", None)
-        if len(responses) != 1:
+        if len(responses) != 1 or "keyboard-interactive" not in self._ctx.settings.auth_methods:
             return False
         return await self._passthrough(username, responses[0])
 
@@ -340,8 +351,9 @@ class BastionConnection(PersonLimits):
             return False
         try:
             async with self._upstream_lock:
-                if self._upstream is None:
-                    await self._connect_upstream(password=password)
+                if self._upstream is not None:
+                    return False  # the host checked a password already: never True unchecked
+                await self._connect_upstream(password=password)
             return True
         except DirectoryUnavailable as exc:
             # the same for everyone: say why (the client shows a disconnect)

@@ -21,6 +21,13 @@ which decides at once, with no SSH version line sent and no key exchange:
    ``full`` the connection still reaches asyncssh, which is told to turn it
    away with a message the client prints ("too many unauthenticated
    connections"): a person who hits the bound learns why.
+5. Fair share (not in sshd, docs/hostile-clients.md): a connection from a
+   source block that holds *no* unauthenticated connection now skips the
+   random early drop, and at ``full`` the oldest unauthenticated connection
+   of the block holding the most (at least 2) is evicted to make room. Else
+   ``full / per_source_max_startups`` sources (256 / 16: 16 addresses)
+   holding idle connections would lock everybody else out, at no cost to
+   them: sshd's drops fall on the newcomers, never on the holders.
 
 What passes becomes an ``asyncssh.SSHServerConnection`` on the same
 transport (built from options made once, as ``asyncssh.listen`` would).
@@ -63,6 +70,10 @@ class UnauthCounts(Protocol):
     @property
     def unauthenticated(self) -> int: ...
     def unauth_in(self, block: str) -> int: ...
+    def evict(self) -> str | None:
+        """Close the oldest unauthenticated connection of the block holding
+        the most (at least 2); its address, or None when no block holds 2."""
+        ...
 
 
 def max_startups_drop(count: int, start: int, rate: int, full: int, draw: float) -> bool:
@@ -114,6 +125,7 @@ class Gate:
         self.refused: Counter[str] = Counter()  # since start, by reason
         self._unlogged: Counter[str] = Counter()
         self._logged = 0.0
+        self._detail = ""  # the last bad header's error, for the summary
 
     def configure(
         self,
@@ -145,22 +157,46 @@ class Gate:
         if self.penalties.refuses(address) is not None:
             return "penalised"
         block = self.penalties.block(address)
-        if self._counts.unauth_in(block) >= self._per_source_max:
+        held = self._counts.unauth_in(block)
+        if held >= self._per_source_max:
             self.penalties.penalise(address, "noauth")
             return "per-source-max-startups"
         start, rate, full = self._startups
+        if held == 0:
+            # fair share (docs/hostile-clients.md, "The door"): a newcomer is
+            # never dropped at random, and at full the biggest holder pays
+            if self._counts.unauthenticated >= full:
+                evicted = self._counts.evict()
+                if evicted is not None:
+                    self._count(evicted, "evicted")
+            return None
         count = self._counts.unauthenticated + self.awaiting_header
         if max_startups_drop(count, start, rate, full, self._rand()):
             return "max-startups"
         return None
 
-    def full(self) -> bool:
-        """Whether MaxStartups' ``full`` unauthenticated connections are open."""
-        return self._counts.unauthenticated + self.awaiting_header >= self._startups[2]
+    def headers_full(self) -> bool:
+        """Whether MaxStartups' ``full`` connections from trusted proxies are
+        waiting for their header. Bounded on their own, not with the
+        unauthenticated ones: the client is not known before its header, and
+        a door kept full by a few sources must still let a newcomer's header
+        be read, for the fair share to apply to it (each waits at most
+        ``header_deadline`` seconds)."""
+        return self.awaiting_header >= self._startups[2]
 
-    def drop(self, transport: asyncio.BaseTransport, address: str, reason: str) -> None:
-        """Close ``transport`` without a word (sshd drops these the same way)."""
+    def drop(
+        self, transport: asyncio.BaseTransport, address: str, reason: str, detail: str = ""
+    ) -> None:
+        """Close ``transport`` without a word (sshd drops these the same way);
+        ``detail``: what was wrong, for the next summary line."""
         transport.close()
+        if detail:
+            self._detail = f"{reason}: {detail}"
+        self._count(address, reason)
+
+    def _count(self, address: str, reason: str) -> None:
+        """Count a connection closed at the door: the metric, and a summary
+        line at most every :data:`LOG_EVERY` seconds."""
         self.refused[reason] += 1
         self._events.emit(DoorRefused(address, reason))
         self._unlogged[reason] += 1
@@ -168,6 +204,9 @@ class Gate:
         if now - self._logged >= LOG_EVERY:
             self._logged = now
             summary = ", ".join(f"{r} {n}" for r, n in sorted(self._unlogged.items()))
+            if self._detail:
+                summary += f" (the last {self._detail})"
+                self._detail = ""
             log.warning("connections dropped at the door (the last from %s): %s", address, summary)
             self._unlogged.clear()
 
@@ -207,8 +246,9 @@ class _Arrival(asyncio.Protocol):
             self._address, self._port = str(peer[0]), int(peer[1])
         gate = self._gate
         if gate.trusts_proxy(self._address):
-            # the client is not known yet: only the bound on them all applies
-            if gate.full():
+            # the client is not known yet: only the bound on connections
+            # waiting for a header applies (the rest once it is read)
+            if gate.headers_full():
                 gate.drop(transport, self._address, "max-startups")
                 return
             gate.awaiting_header += 1
@@ -264,9 +304,10 @@ class _Arrival(asyncio.Protocol):
             header = proxy.parse(self._buf)
         except proxy.ProxyHeaderError as exc:
             self._awaited()
-            log.info("from proxy %s: %s", self._address, exc)
             reason = "proxy-invalid" if proxy.looks_like_proxy(self._buf) else "proxy-missing"
-            self._gate.drop(self._transport, self._address, reason)
+            # no line per connection: a bad proxy (or one that lets anything
+            # through) would flood the log; the summary names the last error
+            self._gate.drop(self._transport, self._address, reason, str(exc))
             return
         if header is None:
             return

@@ -53,6 +53,7 @@ class ConnectionRegistry:
         self.empty.set()
 
     def admit(self, conn: BastionConnection) -> bool:
+        """Count ``conn`` as unauthenticated; False at MaxStartups ``full``."""
         if self._unauth >= self.max_unauth:
             return False
         self._unauth += 1
@@ -96,13 +97,41 @@ class ConnectionRegistry:
         count, self._dropped, self._dropped_logged = self._dropped, 0, now
         return count
 
-    def left_unauth(self, conn: BastionConnection | None = None) -> None:
+    def left_unauth(self, conn: BastionConnection) -> None:
+        """``conn`` authenticated or ended; a no-op once it was evicted."""
+        found = self._blocks.pop(conn, None)
+        if found is None:
+            return
         self._unauth -= 1
-        found = self._blocks.pop(conn, None) if conn is not None else None
-        if found is not None:
-            self._per_block[found[1]] -= 1
-            if not self._per_block[found[1]]:
-                del self._per_block[found[1]]
+        self._per_block[found[1]] -= 1
+        if not self._per_block[found[1]]:
+            del self._per_block[found[1]]
+
+    def evict(self) -> str | None:
+        """Make room at MaxStartups ``full`` for a source holding none (the
+        gate's fair share, docs/hostile-clients.md): close the oldest
+        unauthenticated connection of the block that holds the most, if it
+        holds at least 2 (one person's single login is never evicted). Its
+        slot is free at once; its end earns its source the penalty any
+        unauthenticated end does (:func:`penalty_kind`: ``noauth``). Returns
+        its address, or None when no block holds 2."""
+        if not self._per_block:
+            return None
+        block, held = max(self._per_block.items(), key=lambda item: item[1])
+        if held < 2:
+            return None
+        # dicts keep insertion order: the first of the block is its oldest
+        victim = next(c for c, (_, b) in self._blocks.items() if b == block)
+        address = self._blocks[victim][0]
+        self.left_unauth(victim)
+        if victim.conn is not None:
+            turn_away(
+                victim.conn,
+                asyncssh.DISC_TOO_MANY_CONNECTIONS,
+                "bastion: too many unauthenticated connections from your address; "
+                "the oldest is closed to let another address in",
+            )
+        return address
 
     @property
     def unauthenticated(self) -> int:

@@ -6,7 +6,8 @@ A source that misbehaves earns a penalty, in seconds, for its address block
 ===================  ===========================================================
 ``authfail``         the connection failed authentication and closed
 ``noauth``           the connection closed without authenticating (a probe, a
-                     flood, a drop past PerSourceMaxStartups)
+                     flood, a drop past PerSourceMaxStartups, an eviction by
+                     the door's fair share)
 ``grace_exceeded``   LoginGraceTime ran out before authentication
 ``refuseconnection`` a login the directory refused (``AccessDenied``: source
                      not allowed, account disabled)

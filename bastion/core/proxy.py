@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from proxyprotocol import ProxyProtocolChecksumError, ProxyProtocolSyntaxError
 from proxyprotocol.result import ProxyResultIPv4, ProxyResultIPv6
 from proxyprotocol.v1 import ProxyProtocolV1
 from proxyprotocol.v2 import ProxyProtocolV2
@@ -81,11 +80,26 @@ def parse(data: bytes) -> ProxyHeader | None:
 
 
 def _decode(version: int, header: bytes) -> ProxyHeader:
+    """Decode a framed header with the third-party decoder; every exception
+    it raises is mapped here, once, to :class:`ProxyHeaderError`. It is not
+    only its own syntax errors: a v2 address block shorter than its family
+    needs raises ``struct.error`` from inside it (an uncaught traceback per
+    connection before this mapping), and the bytes come from the network."""
     try:
         result = (_V1 if version == 1 else _V2).unpack(header)
-    except (ProxyProtocolSyntaxError, ProxyProtocolChecksumError, ValueError, KeyError) as exc:
+    except Exception as exc:  # any failure of the decoder is a bad header
         raise ProxyHeaderError(f"bad v{version} header: {exc or type(exc).__name__}") from None
     if isinstance(result, ProxyResultIPv4 | ProxyResultIPv6):
         ip, port = result.source
+        # stricter than the decoder: proxy-protocol.txt 2.1 writes ports as
+        # [0..65535], but no TCP connection comes from port 0 (RFC 6335 6:
+        # reserved; no kernel assigns it), so such a header is forged or
+        # broken; and its IPv6 text form has no zone, which would name an
+        # interface of the proxy's ("fe80::1%eth0", RFC 4007 11), meaningless
+        # here as a penalty's source block or in a "from" check
+        if port == 0:
+            raise ProxyHeaderError(f"bad v{version} header: source port 0")
+        if getattr(ip, "scope_id", None):
+            raise ProxyHeaderError(f"bad v{version} header: a scoped address ({ip})")
         return ProxyHeader(str(ip), port, version, len(header))
     return ProxyHeader(None, None, version, len(header))

@@ -171,11 +171,9 @@ class SecondFactorGate:
         type(self._conn).send_userauth_failure(self._conn, True)
 
     def pending_for(self, username: str) -> bool:
-        """Whether ``username``'s next keyboard-interactive round is the
-        second factor. A different user name starts over (its first factor
-        first), as sshd allows no change of user between methods."""
-        if self._pending is not None and username != self._first_user:
-            self._pending = None
+        """Whether the next keyboard-interactive round is the second factor.
+        A change of user name never gets here: the front door disconnects
+        (sshd allows none between methods); a pending factor stays pending."""
         return self._pending is not None
 
     def challenge(self) -> KbdIntChallenge:

@@ -22,9 +22,18 @@ fails closed.
 from __future__ import annotations
 
 import logging
+import time
+from collections import deque
+from collections.abc import Callable
 
 from bastion.credentials.vault import VaultClient
-from bastion.errors import CodeReused, NotEnrolled, SecondFactorFailed, SecretUnavailable
+from bastion.errors import (
+    CodeReused,
+    NotEnrolled,
+    SecondFactorFailed,
+    SecretUnavailable,
+    TooManyWrongCodes,
+)
 
 log = logging.getLogger("bastion.credentials")
 
@@ -32,15 +41,68 @@ log = logging.getLogger("bastion.credentials")
 _MIN_DIGITS, _MAX_DIGITS = 6, 8
 
 
+class WrongCodes:
+    """Wrong codes per person in a sliding window: after ``limit`` within
+    ``window`` seconds, that person's codes are not checked until the oldest
+    leaves the window. Six-digit codes give a guesser about 3 chances in a
+    million per try (the engine's skew accepts the neighbouring periods);
+    MaxAuthTries and PerSourcePenalties bound one connection and one source,
+    this bounds one account however many sources guess. Bounded memory: at
+    most ``limit`` timestamps for each of at most ``max_people`` people."""
+
+    def __init__(
+        self,
+        limit: int = 5,
+        window: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+        max_people: int = 65536,
+    ) -> None:
+        self.limit = limit
+        self.window = window
+        self._clock = clock
+        self._max_people = max_people
+        self._seen: dict[str, deque[float]] = {}
+
+    def _recent(self, user: str) -> deque[float]:
+        now = self._clock()
+        times = self._seen.get(user, deque())
+        while times and now - times[0] >= self.window:
+            times.popleft()
+        return times
+
+    def locked_for(self, user: str) -> float:
+        """Seconds until ``user``'s codes are checked again (0: now)."""
+        times = self._recent(user)
+        if len(times) < self.limit:
+            return 0.0
+        return max(0.0, self.window - (self._clock() - times[0]))
+
+    def failed(self, user: str) -> None:
+        times = self._recent(user)
+        if user not in self._seen:
+            if len(self._seen) >= self._max_people:  # forget the quietest
+                stale = [u for u, t in self._seen.items() if not self._recent(u)]
+                for u in stale or list(self._seen)[: self._max_people // 10 or 1]:
+                    del self._seen[u]
+            self._seen[user] = times
+        times.append(self._clock())
+        while len(times) > self.limit:
+            times.popleft()
+
+
 class TotpVerifier:
     """Checks TOTP codes with the TOTP engine mounted at ``mount``
-    (``[access] totp_mount``), through the bastion's own Vault session."""
+    (``[access] totp_mount``), through the bastion's own Vault session, at
+    most ``wrong_codes.limit`` wrong ones per person per window."""
 
     method = "totp"  # the name audit records and AuthFailed events give the factor
 
-    def __init__(self, client: VaultClient, mount: str = "totp") -> None:
+    def __init__(
+        self, client: VaultClient, mount: str = "totp", wrong_codes: WrongCodes | None = None
+    ) -> None:
         self.client = client
         self.mount = mount.strip("/")
+        self.wrong_codes = wrong_codes if wrong_codes is not None else WrongCodes()
 
     def __repr__(self) -> str:
         return f"TotpVerifier(mount={self.mount!r})"
@@ -50,10 +112,28 @@ class TotpVerifier:
         first time.
 
         Raises SecondFactorFailed (a wrong or malformed code), CodeReused (the
-        engine accepted that code before), NotEnrolled (no key for ``user``)
-        or SecretUnavailable (Vault sealed, unreachable, denied, mount
-        missing). The code itself is never logged.
+        engine has seen that code before: OpenBao remembers every code it was
+        asked, right or wrong, for its period), TooManyWrongCodes (the
+        person's limit), NotEnrolled (no key for ``user``) or
+        SecretUnavailable (Vault sealed, unreachable, denied, mount missing).
+        The code itself is never logged.
         """
+        wait = self.wrong_codes.locked_for(user)
+        if wait > 0:
+            raise TooManyWrongCodes(
+                f"too many wrong codes for {user}; try again in {max(1, round(wait / 60))} min",
+                detail=f"{user}: {self.wrong_codes.limit} wrong codes within "
+                f"{self.wrong_codes.window:.0f} s; codes are not checked for {wait:.0f} s",
+            )
+        try:
+            await self._verify(user, code)
+        except (CodeReused, NotEnrolled):
+            raise
+        except SecondFactorFailed:
+            self.wrong_codes.failed(user)
+            raise
+
+    async def _verify(self, user: str, code: str) -> None:
         code = code.strip()
         if not (code.isascii() and code.isdigit() and _MIN_DIGITS <= len(code) <= _MAX_DIGITS):
             # not worth a round trip; and nothing odd goes into Vault's audit log
@@ -71,7 +151,7 @@ class TotpVerifier:
         if answer.status == 400:
             text = answer.errors.lower()
             if "already used" in text:
-                raise CodeReused("code already used; wait for the next one")
+                raise CodeReused("code already used or tried; wait for the next one")
             if "unknown key" in text:
                 raise NotEnrolled(
                     f"no TOTP key enrolled for {user}; ask an operator",

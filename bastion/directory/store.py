@@ -26,7 +26,7 @@ from typing import Any
 from bastion.addresses import consul_base_url
 from bastion.config import ConsulSettings
 from bastion.directory.grammar import RouteTable, hostport, show
-from bastion.directory.grants import Grant, GrantTable
+from bastion.directory.grants import MAX_GRANT_SECONDS, Grant, GrantTable
 from bastion.directory.watch import ConsulError, ConsulWatches, Watch
 from bastion.errors import (
     ConfigError,
@@ -140,6 +140,7 @@ class ConsulDirectory:
         token: str,
         default_port: int = 22,
         grants_prefix: str | None = None,
+        grant_max: float = MAX_GRANT_SECONDS,
     ) -> None:
         if not token.strip():
             raise ConfigError("[consul] the token is empty; the bastion needs its own token")
@@ -156,6 +157,7 @@ class ConsulDirectory:
         # access grants (bastion.directory.grants); called with the users whose
         # entries, keys or grants changed (bastion.revocation listens)
         self._grants_prefix = grants_prefix
+        self._grant_max = grant_max  # [access] grant_max: the latest "expires" taken
         self._grants = GrantTable({}, grants_prefix or "")
         self._listeners: list[Callable[[set[str]], None]] = []
         self._route_entries: dict[str, bytes] = {}
@@ -267,7 +269,9 @@ class ConsulDirectory:
     def _apply_grants(self, body: Any) -> None:
         prefix = self._grants_prefix or ""
         old = self._grants
-        self._grants = GrantTable(_kv_entries(body, prefix), prefix, previous=old)
+        self._grants = GrantTable(
+            _kv_entries(body, prefix), prefix, previous=old, longest=self._grant_max
+        )
         # also on the first load: the revoker notes who holds grants and
         # arms its timer for the first to expire, whenever that load comes
         self._changed(self._grants.changed_users(old), True)

@@ -192,7 +192,15 @@ async def bastion(ctx: Context, api: ConsulAPI, report: Report, state: ServiceSt
     """The bastion token: what it needs must work, everything else must be refused."""
     c = ctx.settings.consul
     p = Prober(api, ctx.consul_token)
-    for prefix in (c.routes_prefix, c.keys_prefix, c.host_keys_prefix):
+    # grants/ too: a token without it sees no grant (Consul answers an
+    # unreadable prefix like an empty one), so grants would silently do nothing
+    prefixes = (
+        c.routes_prefix,
+        c.keys_prefix,
+        c.host_keys_prefix,
+        ctx.settings.access.grants_prefix,
+    )
+    for prefix in prefixes:
         _must_work(
             report,
             f"bastion token: read {prefix}",
