@@ -95,13 +95,13 @@ class PersonLimits(ChannelRequests):
         rules = self.access
         channel_timeout = rules.channel_timeout
         unused = rules.unused_connection_timeout
-        self._idle = IdleTimers(
-            settings.channel_timeout if channel_timeout is None else channel_timeout,
-            settings.unused_connection_timeout if unused is None else unused,
-            self._channel_idle,
-            self._connection_unused,
-        )
-        self._idle.start()
+        channel_timeout = settings.channel_timeout if channel_timeout is None else channel_timeout
+        unused = settings.unused_connection_timeout if unused is None else unused
+        if channel_timeout or unused:  # none when both are off: ~1.7 KB per connection
+            self._idle = IdleTimers(
+                channel_timeout, unused, self._channel_idle, self._connection_unused
+            )
+            self._idle.start()
         return True
 
     def _limits_stop(self) -> None:
