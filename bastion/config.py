@@ -54,7 +54,8 @@ class ServerSettings:
     workers: int = 1
     # how the kernel spreads connections over the workers: "source" (by
     # source address, so a person's logins meet their upstream connections)
-    # or "kernel" (its 4-tuple hash: even spread, reuse hit rate ~1/workers)
+    # or "kernel" (its 4-tuple hash: even spread, but up to one upstream
+    # connection per person and host in each worker)
     worker_steering: str = "source"
     # addresses (CIDRs) of load balancers that send a PROXY protocol header
     proxy_protocol_from: tuple[str, ...] = ()
