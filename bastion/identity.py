@@ -9,7 +9,8 @@ keys, the upstream ``login@`` of a route and the command line.
 A user's authorized keys come from the directory (``ssh-keys/<user>``) and/or
 a local directory of authorized_keys files (``<dir>/<user>``), both in
 OpenSSH authorized_keys format. A trusted user CA adds a ``cert-authority``
-line, which makes asyncssh accept certificates whose principals name the user.
+line with ``principals="<user>"``: a certificate must name the user among its
+principals (one with none is refused, as sshd's TrustedUserCAKeys does).
 
 An unknown user gets an empty key set, not an error: the client sees the same
 "Permission denied" either way, so user names cannot be enumerated.
@@ -54,7 +55,7 @@ class KeyDirectory:
     ) -> None:
         self._directory_keys = directory_keys
         self._local_dir = local_dir
-        self._ca_lines = [f"cert-authority {line}" for line in user_ca_lines]
+        self._ca_lines = tuple(user_ca_lines)
 
     def authorized_keys(
         self, username: str, *, agent_forwarding: bool = True
@@ -67,7 +68,12 @@ class KeyDirectory:
         if not valid_user_name(username):
             return None, None
         problem: BastionError | None = None
-        lines: list[str] = list(self._ca_lines)
+        # principals="<user>": the certificate must name this user, as sshd's
+        # TrustedUserCAKeys requires (sshd_config(5)); asyncssh alone would
+        # take a certificate with no principals at all for any user name
+        lines: list[str] = [
+            f'cert-authority,principals="{username}" {line}' for line in self._ca_lines
+        ]
         if self._directory_keys is not None:
             try:
                 lines += self._directory_keys(username)

@@ -180,3 +180,93 @@ def test_wrong_codes_lock_the_person_not_the_source(
     assert outcomes[:3] == ["mfa-wrong-code"] * 3, outcomes
     assert len(outcomes) > 3 and set(outcomes[3:]) == {"mfa-locked"}, outcomes
     assert attempt(other, [other.code()]).startswith("ok: 'alice")
+
+
+def test_codes_checked_at_once_count_before_vault_answers(
+    new_bastion: Callable[..., BastionProcess],
+    consul: ConsulAgent,
+    make_person: Callable[..., TotpPerson],
+) -> None:
+    """12 connections at the prompt send a wrong code at the same moment: only
+    ``totp_max_wrong`` (3) reach Vault, the rest are not checked."""
+    bastion = mfa_bastion(
+        new_bastion, consul, max_auth_attempts=1, totp_max_wrong=3, totp_wrong_window=60
+    )
+    person = make_person()
+    valid = {person.code(w) for w in (-1, 0, 1)}
+    at_prompt = 12
+    # distinct guesses (the engine calls a code it was asked before "already used")
+    wrong = [c for c in (f"{n:06d}" for n in range(100, 200)) if c not in valid][:at_prompt]
+
+    async def burst() -> list[str]:
+        ready = asyncio.Barrier(at_prompt)
+
+        class Client(asyncssh.SSHClient):
+            def kbdint_auth_requested(self) -> str | None:
+                return ""
+
+            async def kbdint_challenge_received(  # type: ignore[override]
+                self, name: str, instructions: str, lang: str, asked: Sequence[tuple[str, bool]]
+            ) -> list[str]:
+                if asked:
+                    await ready.wait()  # everyone at the prompt, then all at once
+                return [wrong.pop()] * len(asked)
+
+        return await asyncio.gather(
+            *(
+                try_login(
+                    bastion.port,
+                    person.name,
+                    Client,
+                    client_keys=[str(person.key)],
+                    preferred_auth=["publickey", "keyboard-interactive"],
+                )
+                for _ in range(at_prompt)
+            )
+        )
+
+    results = asyncio.run(burst())
+    assert not [r for r in results if r.startswith("ok")], results
+    outcomes = [r["outcome"] for r in records(bastion, "second-factor", person.name)]
+    assert sorted(outcomes) == ["mfa-locked"] * (at_prompt - 3) + ["mfa-wrong-code"] * 3
+
+
+def test_from_and_disabled_are_checked_before_the_code_is_asked(
+    new_bastion: Callable[..., BastionProcess],
+    consul: ConsulAgent,
+    hosts: dict[str, SshdHost],
+    make_person: Callable[..., TotpPerson],
+) -> None:
+    bastion = mfa_bastion(new_bastion, consul)
+    person = make_person()
+    entry = {"route": route(hosts, "host-102", login="alice"), "mfa": "totp"}
+    asked: list[str] = []
+
+    class Client(asyncssh.SSHClient):
+        def kbdint_auth_requested(self) -> str | None:
+            return ""
+
+        def kbdint_challenge_received(
+            self, name: str, instructions: str, lang: str, prompts: Sequence[tuple[str, bool]]
+        ) -> list[str]:
+            asked.extend(p for p, _ in prompts)
+            return [person.code()] * len(prompts)
+
+    for extra, why in (
+        ({"from": ["10.9.9.0/24"]}, "may not log in from"),
+        ({"disabled": True}, "disabled"),
+    ):
+        consul.kv_put(f"users/{person.name}", json.dumps({**entry, **extra}))
+        bastion.wait_synced(consul)
+        got = asyncio.run(
+            try_login(
+                bastion.port,
+                person.name,
+                Client,
+                client_keys=[str(person.key)],
+                preferred_auth=["publickey", "keyboard-interactive"],
+            )
+        )
+        assert why in got, got
+    assert asked == []  # no code asked, none spent
+    assert not records(bastion, "second-factor", person.name)

@@ -474,6 +474,18 @@ def test_user_certificate_from_trusted_ca(
     assert ok.stdout == b"host-102\n", ok.stderr
     # the certificate names alice, not bob
     assert ssh(strict_bastion.port, "bob", key, "hostname").returncode == 255
+    # a certificate naming nobody (ssh-keygen without -n) logs nobody in, as
+    # sshd refuses it ("Certificate lacks principal list")
+    anyone = devstack.keygen(tmp_path / "id_anyone", comment="no principals")
+    sign = [devstack.ssh_keygen_bin(), "-q", "-s", str(local_ca), "-I", "anyone", "-V", "+1h"]
+    subprocess.run(
+        [*sign, str(anyone.with_suffix(".pub"))],
+        check=True,
+        capture_output=True,
+    )
+    for user in ("alice", "bob"):
+        refused = ssh(strict_bastion.port, user, anyone, "hostname")
+        assert (refused.returncode, refused.stdout) == (255, b""), refused.stderr
 
 
 def test_never_loaded_directory_refuses_with_reason(

@@ -74,8 +74,19 @@ class PersonLimits(ChannelRequests):
     # -- at the end of authentication ------------------------------------------
 
     def _admit(self) -> bool:
-        """Ask the policy whether this login may go on; False: refused (the
-        connection is being closed with the reason, audited as ``refused``)."""
+        """At the end of authentication: the policy's word (:meth:`may_log_in`),
+        then the person's idle limits. False: refused."""
+        if not self.may_log_in():
+            return False
+        self._start_idle_timers()
+        return True
+
+    def may_log_in(self) -> bool:
+        """Ask the policy whether this login may go on (``"from"``,
+        ``"disabled"``); False: refused (the connection is being closed with
+        the reason, audited as ``refused``). Also asked when a first factor
+        passes, so that no second factor is asked (nor a code spent) for a
+        login that may not happen."""
         try:
             self.access = self._ctx.policy.admit(self.user, source_ip(self.source))
         except AccessDenied as exc:
@@ -91,6 +102,9 @@ class PersonLimits(ChannelRequests):
             )
             self._disconnect(exc)
             return False
+        return True
+
+    def _start_idle_timers(self) -> None:
         settings = self._ctx.settings
         rules = self.access
         channel_timeout = rules.channel_timeout
@@ -102,7 +116,6 @@ class PersonLimits(ChannelRequests):
                 channel_timeout, unused, self._channel_idle, self._connection_unused
             )
             self._idle.start()
-        return True
 
     def _limits_stop(self) -> None:
         """The connection is gone (its channels' ends may still follow)."""

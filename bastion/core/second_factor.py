@@ -95,6 +95,11 @@ class Person(Protocol):
     user: str
     source: str
 
+    def may_log_in(self) -> bool:
+        """The policy's word on this login ("from", "disabled"); False: it is
+        being refused and closed."""
+        ...
+
 
 class SecondFactorGate:
     """The second factor of one connection.
@@ -147,6 +152,8 @@ class SecondFactorGate:
             return
         user = self._person.user
         factor = self._ctx.policy.second_factor(user)
+        if factor is not None and not self._person.may_log_in():
+            return  # refused with its reason: no code is asked (nor spent)
         if factor is None:
             await self._send_success()
             return

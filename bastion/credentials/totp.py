@@ -47,7 +47,9 @@ class WrongCodes:
     leaves the window. Six-digit codes give a guesser about 3 chances in a
     million per try (the engine's skew accepts the neighbouring periods);
     MaxAuthTries and PerSourcePenalties bound one connection and one source,
-    this bounds one account however many sources guess. Bounded memory: at
+    this bounds one account however many sources guess, within one bastion
+    process (with ``[server] workers`` or several bastions, each counts its
+    own: the bound is ``limit`` x processes per window). Bounded memory: at
     most ``limit`` timestamps for each of at most ``max_people`` people."""
 
     def __init__(
@@ -76,6 +78,13 @@ class WrongCodes:
         if len(times) < self.limit:
             return 0.0
         return max(0.0, self.window - (self._clock() - times[0]))
+
+    def forgive(self, user: str) -> None:
+        """Take back the latest :meth:`failed` of ``user`` (the check it
+        reserved did not find a wrong code)."""
+        times = self._seen.get(user)
+        if times:
+            times.pop()
 
     def failed(self, user: str) -> None:
         times = self._recent(user)
@@ -125,13 +134,20 @@ class TotpVerifier:
                 detail=f"{user}: {self.wrong_codes.limit} wrong codes within "
                 f"{self.wrong_codes.window:.0f} s; codes are not checked for {wait:.0f} s",
             )
+        # counted before Vault is asked and given back unless the code was
+        # wrong: checks in flight at once count too (a burst of connections
+        # all at the prompt gets `limit` checks, not one each)
+        self.wrong_codes.failed(user)
         try:
             await self._verify(user, code)
-        except (CodeReused, NotEnrolled):
+        except SecondFactorFailed as exc:
+            if isinstance(exc, (CodeReused, NotEnrolled)):
+                self.wrong_codes.forgive(user)
             raise
-        except SecondFactorFailed:
-            self.wrong_codes.failed(user)
+        except BaseException:
+            self.wrong_codes.forgive(user)
             raise
+        self.wrong_codes.forgive(user)
 
     async def _verify(self, user: str, code: str) -> None:
         code = code.strip()
