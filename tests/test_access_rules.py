@@ -195,12 +195,15 @@ def test_idle_timers_follow_activity_and_fire_once() -> None:
 async def _follow_activity() -> None:
     idle: list[tuple[str, float]] = []
     unused: list[float] = []
+    unused_fired = asyncio.Event()
     start = time.monotonic()
+
+    def on_unused() -> None:
+        unused.append(time.monotonic() - start)
+        unused_fired.set()
+
     timers = IdleTimers(
-        0.3,
-        0.2,
-        lambda st: idle.append((st.kind, time.monotonic() - start)),
-        lambda: unused.append(time.monotonic() - start),
+        0.3, 0.2, lambda st: idle.append((st.kind, time.monotonic() - start)), on_unused
     )
     timers.start()
     await asyncio.sleep(0.1)
@@ -216,7 +219,7 @@ async def _follow_activity() -> None:
     timers.closed(quiet)
     timers.closed(busy)  # the last channel: the connection is unused from now
     closed_at = time.monotonic() - start
-    await asyncio.sleep(0.35)
+    await asyncio.wait_for(unused_fired.wait(), 1.0)
     assert len(unused) == 1 and 0.2 <= unused[0] - closed_at < 0.35
     assert [kind for kind, _ in idle] == ["tunnel"]  # busy was never idle
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from conftest import Person
 
 from devstack import BastionProcess, render_settings
+from devstack.process import wait_until
 from devstack.sshd import ssh_command
 
 PER_SOURCE = 16
@@ -58,6 +59,8 @@ class Flood:
     refused: int = 0
     admitted: int = 0
     stop: asyncio.Event | None = None
+    # set by the test's thread: the flood ends
+    stopping: threading.Event = field(default_factory=threading.Event)
 
     async def attacker(self, source: str, slow: bool) -> None:
         assert self.stop is not None
@@ -106,15 +109,11 @@ class Flood:
                 for source, count, slow in plan
                 for _ in range(count)
             ]
-            while not self._stopping:
-                await asyncio.sleep(0.1)
+            await asyncio.to_thread(self.stopping.wait)
             self.stop.set()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-        self._stopping = False
         asyncio.run(main())
-
-    _stopping: bool = False
 
 
 def login(bastion: BastionProcess, key: Path) -> tuple[bool, float]:
@@ -144,16 +143,13 @@ def during(
     thread = threading.Thread(target=flood.run, args=(plan, ready), daemon=True)
     thread.start()
     ready.wait(10)
-    deadline = time.monotonic() + 15
-    while not until_held(flood):
-        assert time.monotonic() < deadline, f"the flood never got its share: {flood.held}"
-        time.sleep(0.1)
+    wait_until("the flood holding its share", lambda: until_held(flood), 15)
     logins = []
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         logins.append(login(bastion, key))
     rss = rss_kib(bastion)
-    flood._stopping = True
+    flood.stopping.set()
     thread.join(30)
     return flood, logins, rss
 
@@ -212,10 +208,11 @@ def test_one_source_cannot_lock_out_everyone(
     refused = series(bastion, "bastion_connections_refused_total", reason="per-source-max-startups")
     assert refused > 200
     # the flood's admitted connections go (disconnected, or at the grace time)
-    deadline = time.monotonic() + 25
-    while (bastion.metric("bastion_unauthenticated_connections") or 0) > 0:
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    wait_until(
+        "the flood's connections gone",
+        lambda: (bastion.metric("bastion_unauthenticated_connections") or 0) == 0,
+        25,
+    )
     rss_after = rss_kib(bastion)
     print("\n" + "\n".join(figures) + f"\nRSS after: {rss_after // 1024} MB")
     assert rss_after - rss_before < 40 * 1024
@@ -265,10 +262,11 @@ def test_reload_applies_new_bounds_to_new_connections(
         bastion.config.write_text(render_settings(settings))
         assert bastion.process is not None
         os.kill(bastion.process.pid, signal.SIGHUP)
-        deadline = time.monotonic() + 15
-        while not any(r["event"] == "reload" for r in bastion.audit_records()):
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        wait_until(
+            "reload record",
+            lambda: any(r["event"] == "reload" for r in bastion.audit_records()),
+            15,
+        )
         (record,) = [r for r in bastion.audit_records() if r["event"] == "reload"]
         assert "[server] per_source_max_startups" in record["applied"]
         second = socket.create_connection(("127.0.0.1", bastion.port), 5, source)

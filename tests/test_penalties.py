@@ -20,6 +20,7 @@ import pytest
 from conftest import ConsulTokens, Person, VaultSetup, bastion_sections
 
 from devstack import BastionProcess, ConsulAgent
+from devstack.process import wait_until
 from devstack.sshd import ssh_command
 
 GRACE = 3
@@ -62,9 +63,7 @@ def first_bytes(bastion: BastionProcess, source: str) -> bytes:
 def wait_for(what: str, check: Callable[[], bool], timeout: float = 15.0) -> float:
     """Poll ``check`` until it holds; the seconds it took."""
     started = time.monotonic()
-    while not check():
-        assert time.monotonic() - started < timeout, f"timed out waiting for {what}"
-        time.sleep(0.1)
+    wait_until(what, check, timeout)
     return time.monotonic() - started
 
 
