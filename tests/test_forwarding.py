@@ -301,24 +301,17 @@ def wait_record(
     bastion: BastionProcess, match: Callable[[dict[str, Any]], bool], timeout: float = 10
 ) -> dict[str, Any]:
     """The newest audit record that matches (records are written when a channel ends)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = [r for r in bastion.audit_records() if match(r)]
-        if found:
-            return found[-1]
-        assert time.monotonic() < deadline, bastion.audit_records()[-5:]
-        time.sleep(0.05)
+    return bastion.wait_audit(match, timeout)
 
 
 def _banner_through(port: int, timeout: float = 10) -> bytes:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return devstack.ssh_banner("127.0.0.1", port)
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+    """The SSH banner read through a forward at ``port``, once it answers."""
+    devstack.wait_until(
+        f"a banner through port {port}",
+        lambda: devstack.ssh_banner("127.0.0.1", port).startswith(b"SSH-"),
+        timeout,
+    )
+    return devstack.ssh_banner("127.0.0.1", port)
 
 
 def _forwarding_client(

@@ -21,11 +21,12 @@ import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import Person
 
-from devstack import BastionProcess, ssh_bin, ssh_command
+from devstack import BastionProcess, ssh_bin, ssh_command, wait_until
 
 MiB = 1024 * 1024
 ALICE_HOME = Path("/home/alice")
@@ -104,14 +105,12 @@ def new_session_records(bastion: BastionProcess, seen: int) -> list[dict[str, ob
     """Session audit records after the first ``seen`` records. A client may
     exit before the bastion has seen its connection close (scp kills its
     ssh), so the record is waited for."""
-    deadline = time.monotonic() + 10
-    while True:
-        records = bastion.audit_records()[seen:]
-        sessions = [r for r in records if r["event"] == "session"]
-        if sessions:
-            return sessions
-        assert time.monotonic() < deadline, f"no session audit record: {records}"
-        time.sleep(0.05)
+
+    def sessions() -> list[dict[str, Any]]:
+        return [r for r in bastion.audit_records()[seen:] if r["event"] == "session"]
+
+    wait_until("a session audit record", lambda: bool(sessions()), 10)
+    return sessions()
 
 
 @pytest.fixture
