@@ -49,12 +49,8 @@ CIPHERS: dict[str, str | None] = {
 }
 KEX = "curve25519-sha256"
 
-SSH_CONFIG = """\
-Host *
-  User {user}
-  IdentityFile {key}
-  CertificateFile {key}-cert.pub
-  IdentitiesOnly yes
+# what every bench client sets, after its identity lines
+_COMMON = """\
   BatchMode yes
   LogLevel ERROR
   UserKnownHostsFile {known_hosts}
@@ -69,27 +65,29 @@ Host *
   KexAlgorithms {kex}
 {ciphers}"""
 
+SSH_CONFIG = (
+    """\
+Host *
+  User {user}
+  IdentityFile {key}
+  CertificateFile {key}-cert.pub
+  IdentitiesOnly yes
+"""
+    + _COMMON
+)
+
 # the inner ssh of the nested hop, run by alice on the jump host: no private
 # key there, the forwarded agent holds her key and certificate; naming the
 # certificate (a public file) offers only it, as the bastion does (else the
 # plain key is offered first and refused: one more round trip)
-INNER_SSH_CONFIG = """\
+INNER_SSH_CONFIG = (
+    """\
 Host *
   IdentityFile {key}-cert.pub
   IdentitiesOnly yes
-  BatchMode yes
-  LogLevel ERROR
-  UserKnownHostsFile {known_hosts}
-  GlobalKnownHostsFile /dev/null
-  StrictHostKeyChecking yes
-  UpdateHostKeys no
-  ConnectTimeout 15
-  ControlMaster no
-  ControlPath none
-  ForwardAgent no
-  Compression no
-  KexAlgorithms {kex}
-{ciphers}"""
+"""
+    + _COMMON
+)
 
 
 class NestedArgv(list[str]):

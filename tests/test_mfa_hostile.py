@@ -58,6 +58,19 @@ async def try_login(
         return f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
 
 
+async def key_then_code(
+    bastion: BastionProcess, person: TotpPerson, client: type[asyncssh.SSHClient]
+) -> str:
+    """:func:`try_login` with the person's key, then keyboard-interactive."""
+    return await try_login(
+        bastion.port,
+        person.name,
+        client,
+        client_keys=[str(person.key)],
+        preferred_auth=["publickey", "keyboard-interactive"],
+    )
+
+
 def test_a_change_of_user_name_after_the_password_is_a_disconnect(
     new_bastion: Callable[..., BastionProcess],
     consul: ConsulAgent,
@@ -96,15 +109,7 @@ def test_key_only_bastion_never_turns_the_code_prompt_into_a_password_login(
     bastion = mfa_bastion(new_bastion, consul, auth_methods=("publickey",))
     person = make_person()
     client = switching_client("carol", None, "carol-test-pass")
-    got = asyncio.run(
-        try_login(
-            bastion.port,
-            person.name,
-            client,
-            client_keys=[str(person.key)],
-            preferred_auth=["publickey", "keyboard-interactive"],
-        )
-    )
+    got = asyncio.run(key_then_code(bastion, person, client))
     assert "Change of username not allowed" in got, got
 
     # and without switching names: the prompt is the code, a password is a wrong code
@@ -117,15 +122,7 @@ def test_key_only_bastion_never_turns_the_code_prompt_into_a_password_login(
         ) -> list[str]:
             return ["carol-test-pass"] * len(asked)
 
-    got = asyncio.run(
-        try_login(
-            bastion.port,
-            person.name,
-            Guesser,
-            client_keys=[str(person.key)],
-            preferred_auth=["publickey", "keyboard-interactive"],
-        )
-    )
+    got = asyncio.run(key_then_code(bastion, person, Guesser))
     assert not got.startswith("ok"), got
     assert [r["outcome"] for r in records(bastion, "second-factor", person.name)][:1] == [
         "mfa-wrong-code"
@@ -161,15 +158,7 @@ def test_wrong_codes_lock_the_person_not_the_source(
         return Client
 
     def attempt(person: TotpPerson, codes: list[str]) -> str:
-        return asyncio.run(
-            try_login(
-                bastion.port,
-                person.name,
-                client(codes),
-                client_keys=[str(person.key)],
-                preferred_auth=["publickey", "keyboard-interactive"],
-            )
-        )
+        return asyncio.run(key_then_code(bastion, person, client(codes)))
 
     for code in wrong[:3]:  # one wrong code per connection
         assert not attempt(victim, [code]).startswith("ok")
@@ -213,16 +202,7 @@ def test_codes_checked_at_once_count_before_vault_answers(
                 return [wrong.pop()] * len(asked)
 
         return await asyncio.gather(
-            *(
-                try_login(
-                    bastion.port,
-                    person.name,
-                    Client,
-                    client_keys=[str(person.key)],
-                    preferred_auth=["publickey", "keyboard-interactive"],
-                )
-                for _ in range(at_prompt)
-            )
+            *(key_then_code(bastion, person, Client) for _ in range(at_prompt))
         )
 
     results = asyncio.run(burst())
@@ -258,15 +238,7 @@ def test_from_and_disabled_are_checked_before_the_code_is_asked(
     ):
         consul.kv_put(f"users/{person.name}", json.dumps({**entry, **extra}))
         bastion.wait_synced(consul)
-        got = asyncio.run(
-            try_login(
-                bastion.port,
-                person.name,
-                Client,
-                client_keys=[str(person.key)],
-                preferred_auth=["publickey", "keyboard-interactive"],
-            )
-        )
+        got = asyncio.run(key_then_code(bastion, person, Client))
         assert why in got, got
     assert asked == []  # no code asked, none spent
     assert not records(bastion, "second-factor", person.name)
